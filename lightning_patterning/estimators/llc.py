@@ -142,7 +142,7 @@ def estimate_llc(
         progress=progress,
     )
     recorder = _LLCRecorder(runner.num_chains, config.num_draws, config.paired)
-    summary = runner.run(recorder)
+    summary = runner.run(recorder)  # a rank with no chains only validates and joins the reduction
     reference = None if config.paired else _reference_losses(runner, source, config, run)
     return _assemble(
         recorder,
@@ -203,8 +203,10 @@ def _assemble(
         packed[rows, draws : 2 * draws] = recorder.center
     packed[rows, 2 * draws] = diverged_local.double()
     packed[rows, 2 * draws + 1] = recorder.distance / draws
-    names = sorted(diagnostics_local)
-    extras = torch.tensor([diagnostics_local[n] ** 2 * local_chains for n in names], dtype=torch.float64)
+    names = ["grad_norm", "localization_norm", "noise_norm"]
+    extras = torch.tensor(
+        [diagnostics_local.get(n, 0.0) ** 2 * local_chains for n in names], dtype=torch.float64
+    )
     flat = torch.cat([packed.flatten(), extras])
     flat = all_reduce(flat.to(_reduce_device(all_reduce))).cpu().double()
     packed = flat[: total * width].reshape(total, width)

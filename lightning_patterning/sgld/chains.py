@@ -97,6 +97,28 @@ class ChainRunSummary:
     diagnostics: dict[str, float]
 
 
+@torch.no_grad()
+def check_loss_fn(
+    model: nn.Module,
+    loss_fn: LossFn,
+    source: SampleSource,
+    config: SGLDConfig,
+    forward_context: ForwardContext | None = None,
+) -> float:
+    """Run ``loss_fn`` on one minibatch at the checkpoint (eval mode, no grad) and check its output:
+    shape ``[batch_size]``, floating point, finite mean. Returns that mean loss."""
+    stream = ChainBatches(source, config.batch_size, [0], config.seed, -1)
+    device = next(model.parameters()).device
+    batch = batch_to(chain_slice(stream.next_stacked(), 0), device)
+    center = {PREFIX + name: p.detach() for name, p in model.named_parameters()}
+    with evaluation_mode(model), (forward_context or nullcontext)():
+        losses = functional_call(LossModule(model, loss_fn), center, (batch,))
+    loss = float(check_per_sample_losses(losses, config.batch_size).float().mean())
+    if not math.isfinite(loss):
+        raise ValueError(f"loss_fn returned a non-finite loss ({loss}) at the checkpoint itself")
+    return loss
+
+
 class ChainRunner:
     """Runs ``config.num_chains`` (or the given subset ``chain_ids``) localized SGLD chains.
 
@@ -277,6 +299,9 @@ class ChainRunner:
         """Run all chains to the end, calling ``on_draw`` at every draw; return the summary."""
         with evaluation_mode(self.model):
             reference_loss = self._validate()
+            if self.num_chains == 0:  # e.g. a DDP rank beyond the number of chains
+                empty = torch.zeros(0, dtype=torch.bool)
+                return ChainRunSummary([], self.mode, empty, empty.long(), reference_loss, {})
             if self.config.chain_mode == "auto":
                 self._build("vmap")
                 if not self._vmap_works():
@@ -285,17 +310,10 @@ class ChainRunner:
                 self._build(self.mode)
             return self._run(on_draw, reference_loss)
 
-    @torch.no_grad()
     def _validate(self) -> float:
-        """Check ``loss_fn`` on one minibatch at ``w*`` (shape, finiteness); return its mean loss."""
-        probe = ChainBatches(self._batches.source, self.config.batch_size, [0], self.config.seed, -1)
-        batch = batch_to(chain_slice(probe.next_stacked(), 0), self._device)
-        with self._forward_context():
-            losses = check_per_sample_losses(self._call({}, batch), self.config.batch_size)
-        loss = float(losses.float().mean())
-        if not math.isfinite(loss):
-            raise ValueError(f"loss_fn returned a non-finite loss ({loss}) at the checkpoint itself")
-        return loss
+        return check_loss_fn(
+            self.model, self._wrapper._fn, self._batches.source, self.config, self._forward_context
+        )
 
     def _vmap_works(self) -> bool:
         """Try one vmapped forward/backward; on failure warn once and report False."""

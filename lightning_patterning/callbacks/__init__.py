@@ -1,0 +1,6 @@
+"""Lightning adapters over the functional core."""
+
+from lightning_patterning.callbacks.llc_callback import LLCCallback
+from lightning_patterning.callbacks.schedule import Schedule
+
+__all__ = ["LLCCallback", "Schedule"]
