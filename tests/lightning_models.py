@@ -19,12 +19,19 @@ class RegressionModule(L.LightningModule):
     """An MLP with BatchNorm and Dropout (so isolation tests see buffers and train-mode randomness)."""
 
     def __init__(
-        self, d: int = 8, hidden: int = 16, lr: float = 0.05, n: int = 256, batch_size: int = 32
+        self,
+        d: int = 8,
+        hidden: int = 16,
+        lr: float = 0.05,
+        n: int = 256,
+        batch_size: int = 16,
+        dropout: float = 0.2,
+        shuffle: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 1)
+            nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,5 +51,7 @@ class RegressionModule(L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
-            regression_data(self.hparams.n, self.hparams.d), batch_size=self.hparams.batch_size, shuffle=True
+            regression_data(self.hparams.n, self.hparams.d),
+            batch_size=self.hparams.batch_size,
+            shuffle=self.hparams.shuffle,
         )
