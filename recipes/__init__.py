@@ -1,0 +1,1 @@
+"""Runnable recipes built on lightning_patterning."""
