@@ -1,0 +1,197 @@
+"""Susceptibilities: how posterior expectations of observables respond to shifts of the data (SCIENCE.md §3).
+
+For a probe sample z and an observable φ, with ``L`` the loss on a fixed set of training batches,
+
+    χ_z(φ) = (1/nβ)·∂⟨φ⟩_h/∂h |_{h=0} = −Cov_posterior[ φ(w), ℓ_z(w) − L(w) ]
+
+(χ > 0: shifting data weight toward z raises ⟨φ⟩; the raw Jacobian ∂⟨φ⟩/∂h is ``−nβ·Cov``). For a
+weight-restricted component C, devinterp's two-chain estimator (``compute_susceptibilities``) with
+``g = L(w) − L(w*)`` on the chain restricted to C:
+
+    χ̃^C_z = E_C[ g·(L − ℓ_z) ] − E_C[g]·( E_full[L] − E_full[ℓ_z] )
+
+Draws of all chains are pooled through running sums (memory O(k·N), never O(draws·N)); the standard error
+is the spread of per-chain estimates, ``std/√chains``. Sources: Baker et al. arXiv 2504.18274 (App. C.4);
+Kreer et al. arXiv 2509.26544; devinterp 2.0.1 ``devinterp/slt/susceptibilities.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_patterning.estimators.llc import AllReduce
+from lightning_patterning.estimators.probe import GroupSpec, ProbeSet
+from lightning_patterning.estimators.result import Susceptibilities
+from lightning_patterning.estimators.streaming import FullChainSums, RestrictedChainSums, reduce_sums
+from lightning_patterning.observables import LLC, Custom, Observable, ProbeLoss, Restricted, check_observables
+from lightning_patterning.sgld.batches import Batch, SampleSource, reference_batches
+from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext
+from lightning_patterning.sgld.config import SGLDConfig
+from lightning_patterning.sgld.functional import LossFn
+from lightning_patterning.sgld.restrict import ParamMasks, resolve_param_masks
+
+
+def estimate_susceptibilities(
+    model: nn.Module,
+    loss_fn: LossFn,
+    dataloader: DataLoader | Dataset,
+    config: SGLDConfig,
+    observables: Sequence[Observable],
+    probe: Dataset | DataLoader,
+    *,
+    probe_indices: Sequence[int] | None = None,
+    groups: GroupSpec = None,
+    loss_batches: int = 4,
+    probe_batch_size: int = 256,
+    chain_ids: Sequence[int] | None = None,
+    run: int = 0,
+    all_reduce: AllReduce | None = None,
+    forward_context: ForwardContext | None = None,
+    progress: bool = False,
+) -> Susceptibilities:
+    """Estimate the susceptibility matrix ``χ`` [observables × probe samples or groups] at the current
+    weights.
+
+    Args:
+        model: the module at the checkpoint ``w*`` (never modified).
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-sample losses.
+        dataloader: training data for SGLD minibatches and for the fixed loss batches of ``L``.
+        config: sampler settings (one chain set per ``Restricted`` observable plus the unrestricted one).
+        observables: ``ProbeLoss``, ``LLC``, ``Restricted``, ``Custom`` instances (unique names).
+        probe: the samples of the data axis (a ``Subset`` of the training set keeps training indices).
+        probe_indices: select these indices of ``probe``.
+        groups: aggregate columns into groups (field name, labels, or ``fn(sample)``); ``χ_g`` is the
+            mean of ``χ_z`` over the group's members.
+        loss_batches: minibatches of ``config.batch_size`` forming the fixed set on which ``L(w)`` is
+            measured.
+        probe_batch_size: batch size of the probe forwards.
+        chain_ids, run, all_reduce, forward_context, progress: as in ``estimate_llc``.
+    """
+    if not isinstance(config, SGLDConfig):
+        raise TypeError(f"config must be an SGLDConfig, got {type(config).__name__}")
+    if not isinstance(loss_batches, int) or loss_batches < 1:
+        raise ValueError(f"loss_batches must be an int >= 1, got {loss_batches!r}")
+    observables = check_observables(observables)
+    restricted_masks = {
+        o.name: _restriction_masks(model, o) for o in observables if isinstance(o, Restricted)
+    }
+    probe_set = ProbeSet(probe, probe_indices, groups, probe_batch_size)
+    source = SampleSource(dataloader)
+    fixed = reference_batches(source, config.batch_size, loss_batches, config.seed, run)
+    plain = [o for o in observables if not o.restricted]
+    plain_data = {o.name: _probe_loss_batches(o, probe_batch_size) for o in plain if isinstance(o, ProbeLoss)}
+
+    def runner(masks: ParamMasks, index: int) -> ChainRunner:
+        return ChainRunner(
+            model,
+            loss_fn,
+            source,
+            config,
+            masks,
+            chain_ids=chain_ids,
+            run=run * 1000 + index,
+            forward_context=forward_context,
+            progress=progress,
+        )
+
+    full_runner = runner(resolve_param_masks(model, None), 0)
+    center_loss = _mean_loss(full_runner.center_losses, fixed)
+    full = FullChainSums(full_runner.num_chains, probe_set.size, len(plain))
+    observe = _PlainObserver(plain, plain_data, fixed, probe_set.batches, center_loss, config.resolved_nbeta)
+    summary = full_runner.run(lambda record: full.add(record, *observe(record)))
+    full.drop(summary.diverged)
+    restricted: dict[str, RestrictedChainSums] = {}
+    for index, (name, masks) in enumerate(restricted_masks.items(), start=1):
+        sums = RestrictedChainSums(full_runner.num_chains, probe_set.size, center_loss)
+        chains = runner(masks, index)
+        outcome = chains.run(lambda record, s=sums: s.add(record, *observe.losses(record)))
+        sums.drop(outcome.diverged)
+        restricted[name] = sums
+    return reduce_sums(
+        full,
+        restricted,
+        observables,
+        plain,
+        probe_set,
+        full_runner.chain_ids,
+        config,
+        center_loss,
+        all_reduce or (lambda t: t),
+    )
+
+
+class _PlainObserver:
+    """Evaluates at a draw: ``L`` on the fixed batches, the probe losses ``ℓ_z``, the plain observables."""
+
+    def __init__(
+        self,
+        plain: list[Observable],
+        plain_data: dict[str, list[Batch]],
+        fixed: list[Batch],
+        probe_batches: list[Batch],
+        center_loss: float,
+        nbeta: float,
+    ) -> None:
+        self.plain, self.plain_data, self.fixed = plain, plain_data, fixed
+        self.probe_batches, self.center_loss, self.nbeta = probe_batches, center_loss, nbeta
+
+    def losses(self, record: DrawRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L(w_t)`` [chains] on the fixed batches and ``ℓ_z(w_t)`` [chains, N] on the probe."""
+        loss = torch.stack([record.per_sample_losses(b).double().mean(dim=1) for b in self.fixed]).mean(dim=0)
+        probe = torch.cat([record.per_sample_losses(b).double() for b in self.probe_batches], dim=1)
+        return loss.cpu(), probe.cpu()
+
+    def __call__(self, record: DrawRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss, probe = self.losses(record)
+        values = [self._value(o, record, loss) for o in self.plain]
+        phi = torch.stack(values, dim=1) if values else torch.zeros(len(loss), 0, dtype=torch.float64)
+        return loss, probe, phi
+
+    def _value(self, observable: Observable, record: DrawRecord, loss: torch.Tensor) -> torch.Tensor:
+        if isinstance(observable, LLC):
+            return self.nbeta * (loss - self.center_loss)
+        if isinstance(observable, ProbeLoss):
+            batches = self.plain_data[observable.name]
+            total = sum(record.per_sample_losses(b).double().sum(dim=1) for b in batches)
+            count = sum(_batch_length(b) for b in batches)
+            return (total / count).cpu()
+        assert isinstance(observable, Custom)
+        value = record.evaluate(observable.fn)
+        if value.ndim != 1:
+            raise ValueError(
+                f"Custom({observable.name!r}): fn must return a scalar tensor, "
+                f"got shape {list(value.shape[1:])}"
+            )
+        return value.double().cpu()
+
+
+def _restriction_masks(model: nn.Module, observable: Restricted) -> ParamMasks:
+    argument = f"Restricted({observable.name!r})"
+    masks: ParamMasks = {}
+    if observable.params:
+        masks.update(resolve_param_masks(model, observable.params, argument=argument))
+    if observable.masks:
+        masks.update(resolve_param_masks(model, observable.masks, argument=argument))
+    return masks
+
+
+def _probe_loss_batches(observable: ProbeLoss, batch_size: int) -> list[Batch]:
+    source = SampleSource(observable.data, argument=f"ProbeLoss({observable.name!r}).data")
+    count = source.size if observable.max_samples is None else min(source.size, observable.max_samples)
+    return [source.fetch(chunk) for chunk in torch.arange(count).split(batch_size)]
+
+
+def _batch_length(batch: Batch) -> int:
+    leaves = (
+        batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    )
+    return next(int(leaf.shape[0]) for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+
+@torch.no_grad()
+def _mean_loss(losses_at_center, batches: list[Batch]) -> float:
+    return float(torch.stack([losses_at_center(b).double().mean() for b in batches]).mean())
