@@ -1,8 +1,21 @@
 """lightning_patterning: LLC, susceptibilities and patterning inside PyTorch Lightning training."""
 
+from lightning_patterning import observables
 from lightning_patterning.callbacks.llc_callback import LLCCallback
+from lightning_patterning.callbacks.susceptibility_callback import SusceptibilityCallback
 from lightning_patterning.estimators.llc import LLCResult, estimate_llc
+from lightning_patterning.estimators.result import Susceptibilities
+from lightning_patterning.estimators.susceptibilities import estimate_susceptibilities
 from lightning_patterning.sgld.config import SGLDConfig
 
-__all__ = ["LLCCallback", "LLCResult", "SGLDConfig", "estimate_llc"]
+__all__ = [
+    "LLCCallback",
+    "LLCResult",
+    "SGLDConfig",
+    "Susceptibilities",
+    "SusceptibilityCallback",
+    "estimate_llc",
+    "estimate_susceptibilities",
+    "observables",
+]
 __version__ = "0.1.0"

@@ -54,3 +54,49 @@ def add_layout(trainer: pl.Trainer, section: str, charts: dict[str, list[str]]) 
     layout = {section: {title: ["Multiline", tags] for title, tags in charts.items()}}
     for writer in tensorboard_writers(trainer, "the custom-scalars layout"):
         writer.add_custom_scalars(layout)
+
+
+def log_matrix_figures(
+    trainer: pl.Trainer,
+    prefix: str,
+    matrix: torch.Tensor,
+    names: list[str],
+    columns: list[str],
+    standardized: torch.Tensor,
+    explained: torch.Tensor,
+    data_loadings: torch.Tensor,
+    step: int,
+) -> None:
+    """The standardized susceptibility matrix as a heatmap, the PCA spectrum, and the PC1–PC2 scatter of
+    the data loadings ``v_1, v_2``."""
+    writers = tensorboard_writers(trainer, "figures")
+    if not writers or trainer.global_rank != 0:
+        return
+    heat, axis = plt.subplots(figsize=(8, 0.4 * len(names) + 1.5))
+    limit = float(standardized.abs().max()) or 1.0
+    image = axis.imshow(
+        standardized.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
+    )
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    if len(columns) <= 40:
+        axis.set_xticks(range(len(columns)), columns, fontsize=6, rotation=90)
+    axis.set_xlabel("probe samples / groups")
+    heat.colorbar(image, ax=axis, label="χ (row z-score)")
+    heat.tight_layout()
+    spectrum, axis = plt.subplots(figsize=(4, 3))
+    axis.bar(range(1, len(explained) + 1), explained.numpy())
+    axis.set_xlabel("principal component")
+    axis.set_ylabel("explained variance")
+    spectrum.tight_layout()
+    scatter, axis = plt.subplots(figsize=(4, 4))
+    if data_loadings.shape[1] >= 2:
+        axis.scatter(data_loadings[:, 0].numpy(), data_loadings[:, 1].numpy(), s=6)
+    axis.set_xlabel("PC1 data loading v₁")
+    axis.set_ylabel("PC2 data loading v₂")
+    scatter.tight_layout()
+    for writer in writers:
+        writer.add_figure(f"{prefix}/matrix", heat, global_step=step)
+        writer.add_figure(f"{prefix}/explained_variance", spectrum, global_step=step)
+        writer.add_figure(f"{prefix}/pc1_pc2_data", scatter, global_step=step)
+    for figure in (heat, spectrum, scatter):
+        plt.close(figure)

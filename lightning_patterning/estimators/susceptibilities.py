@@ -76,9 +76,7 @@ def estimate_susceptibilities(
     if not isinstance(loss_batches, int) or loss_batches < 1:
         raise ValueError(f"loss_batches must be an int >= 1, got {loss_batches!r}")
     observables = check_observables(observables)
-    restricted_masks = {
-        o.name: _restriction_masks(model, o) for o in observables if isinstance(o, Restricted)
-    }
+    restricted_masks = {o.name: restriction_masks(model, o) for o in observables if isinstance(o, Restricted)}
     probe_set = ProbeSet(probe, probe_indices, groups, probe_batch_size)
     source = SampleSource(dataloader)
     fixed = reference_batches(source, config.batch_size, loss_batches, config.seed, run)
@@ -169,7 +167,8 @@ class _PlainObserver:
         return value.double().cpu()
 
 
-def _restriction_masks(model: nn.Module, observable: Restricted) -> ParamMasks:
+def restriction_masks(model: nn.Module, observable: Restricted) -> ParamMasks:
+    """The parameter masks of a ``Restricted`` observable (its patterns and per-entry masks combined)."""
     argument = f"Restricted({observable.name!r})"
     masks: ParamMasks = {}
     if observable.params:

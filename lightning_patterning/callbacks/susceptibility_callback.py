@@ -1,0 +1,172 @@
+"""``SusceptibilityCallback``: estimate the susceptibility matrix at the checkpoint during training."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_patterning.callbacks import tensorboard
+from lightning_patterning.callbacks.base import EstimationCallback
+from lightning_patterning.estimators.result import Susceptibilities
+from lightning_patterning.estimators.susceptibilities import estimate_susceptibilities, restriction_masks
+from lightning_patterning.observables import Observable, Restricted, check_observables
+from lightning_patterning.sgld.config import SGLDConfig
+from lightning_patterning.sgld.functional import LossFn
+
+
+class SusceptibilityCallback(EstimationCallback):
+    """Estimates ``χ`` [observables × probe samples or groups] on a schedule (SCIENCE.md §3).
+
+    Logged at ``trainer.global_step``: ``susceptibility/mu/{observable}`` (posterior means),
+    ``susceptibility/abs_mean/{observable}`` and ``susceptibility/stderr_mean/{observable}`` (row summaries),
+    ``susceptibility/explained_variance/pc{j}``, ``sgld/{name}/diverged_chains`` and ``sgld/{name}/seconds``;
+    TensorBoard figures ``{name}/matrix`` (row-standardized heatmap), ``{name}/explained_variance`` and
+    ``{name}/pc1_pc2_data`` (scatter of the data loadings). Each estimate is saved as
+    ``{save_dir}/step{step:08d}.pt`` (``Susceptibilities.load`` reads it) and kept in ``latest`` for other
+    code (``PatterningCallback``, a user).
+
+    Args:
+        config: SGLD settings.
+        observables: ``lp.observables`` instances (``ProbeLoss``, ``LLC``, ``Restricted``, ``Custom``).
+        probe: data of the columns; default the SGLD data (training set).
+        probe_indices: indices of ``probe`` to use; default ``probe_size`` evenly spaced samples.
+        probe_size: number of probe samples when ``probe_indices`` is not given.
+        groups: aggregate columns into groups (a dataset field name, or one label per probe sample).
+        loss_batches: minibatches forming the fixed set on which ``L(w)`` is measured.
+        save_dir: where estimates are saved; default ``{logger.log_dir}/{name}``, or no saving without a
+            logger.
+        every_n_train_steps, every_n_epochs, log_spaced_steps, first_step, last_step, loss_fn, dataloader,
+            name, progress: as in ``LLCCallback``.
+    """
+
+    def __init__(
+        self,
+        config: SGLDConfig | None = None,
+        observables: list[Observable] | None = None,
+        probe: Dataset | None = None,
+        probe_indices: list[int] | None = None,
+        probe_size: int = 512,
+        groups: str | list[Any] | None = None,
+        loss_batches: int = 4,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        log_spaced_steps: int | None = None,
+        first_step: int = 1,
+        last_step: int | None = None,
+        loss_fn: LossFn | None = None,
+        dataloader: DataLoader | None = None,
+        save_dir: str | None = None,
+        name: str = "susceptibility",
+        progress: bool = True,
+    ) -> None:
+        super().__init__(
+            config,
+            every_n_train_steps,
+            every_n_epochs,
+            log_spaced_steps,
+            first_step,
+            last_step,
+            loss_fn,
+            dataloader,
+            name,
+            progress,
+        )
+        self.observables = check_observables(observables or [])
+        if probe is not None and not isinstance(probe, Dataset):
+            raise TypeError(f"probe must be a map-style Dataset or None, got {type(probe).__name__}")
+        if not isinstance(probe_size, int) or probe_size < 1:
+            raise ValueError(f"probe_size must be an int >= 1, got {probe_size!r}")
+        if not isinstance(loss_batches, int) or loss_batches < 1:
+            raise ValueError(f"loss_batches must be an int >= 1, got {loss_batches!r}")
+        self.probe = probe
+        self.probe_indices = probe_indices
+        self.probe_size = probe_size
+        self.groups = groups
+        self.loss_batches = loss_batches
+        self.save_dir = save_dir
+        self.latest: Susceptibilities | None = None
+
+    def check_module(self, module: nn.Module) -> None:
+        for observable in self.observables:
+            if isinstance(observable, Restricted):
+                try:
+                    restriction_masks(module, observable)
+                except ValueError as error:
+                    raise MisconfigurationException(f"SusceptibilityCallback: {error}") from error
+
+    def estimate(
+        self, trainer: pl.Trainer, module: nn.Module, common: dict[str, Any]
+    ) -> tuple[Susceptibilities, dict[str, Any]]:
+        data = self.sgld_data(trainer)
+        probe = self.probe if self.probe is not None else data.dataset
+        indices = self.probe_indices
+        if indices is None:
+            size = len(probe)  # type: ignore[arg-type]
+            indices = torch.linspace(0, size - 1, min(size, self.probe_size)).round().long().unique().tolist()
+        result = estimate_susceptibilities(
+            module,
+            self._require_loss_fn(),
+            data,
+            self.config,
+            self.observables,
+            probe,
+            probe_indices=indices,
+            groups=self.groups,
+            loss_batches=self.loss_batches,
+            **common,
+        )
+        result.metadata.update(step=trainer.global_step, epoch=trainer.current_epoch)
+        self.latest = result
+        row = {f"mu/{n}": float(m) for n, m in zip(result.names, result.mu, strict=True)}
+        row["diverged_chains"] = float(sum(result.diverged_chains.values()))
+        return result, row
+
+    def log_result(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: Susceptibilities, on_step: bool
+    ) -> None:
+        step, n = trainer.global_step, self.name
+        scalars: dict[str, float] = {}
+        for i, observable in enumerate(result.names):
+            scalars[f"susceptibility/mu/{observable}"] = float(result.mu[i])
+            scalars[f"susceptibility/abs_mean/{observable}"] = float(result.matrix[i].abs().mean())
+            scalars[f"susceptibility/stderr_mean/{observable}"] = float(result.stderr[i].mean())
+        finite = bool(torch.isfinite(result.matrix).all())
+        if finite:
+            explained = result.explained_variance()
+            for j, value in enumerate(explained.tolist()[:8]):
+                scalars[f"susceptibility/explained_variance/pc{j + 1}"] = value
+        scalars[f"sgld/{n}/diverged_chains"] = float(sum(result.diverged_chains.values()))
+        scalars[f"sgld/{n}/seconds"] = self.history[-1]["seconds"]
+        tensorboard.log_scalars(trainer, scalars, step)
+        for key, value in scalars.items():
+            if math.isfinite(value):
+                pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=False)
+        if finite:
+            _, _, v = result.pca()
+            tensorboard.log_matrix_figures(
+                trainer,
+                n,
+                result.matrix,
+                result.names,
+                result.columns,
+                result.standardized(),
+                explained,
+                v,
+                step,
+            )
+        directory = self._directory(trainer)
+        if directory is not None and trainer.is_global_zero:
+            result.save(directory / f"step{step:08d}.pt")
+
+    def _directory(self, trainer: pl.Trainer) -> Path | None:
+        if self.save_dir is not None:
+            return Path(self.save_dir)
+        log_dir = trainer.logger.log_dir if trainer.logger is not None else None
+        return Path(log_dir) / self.name if log_dir else None
