@@ -27,11 +27,16 @@ class RegressionModule(L.LightningModule):
         batch_size: int = 16,
         dropout: float = 0.2,
         shuffle: bool = True,
+        batchnorm: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(
-            nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+            nn.Linear(d, hidden),
+            nn.BatchNorm1d(hidden) if batchnorm else nn.Identity(),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ class Susceptibilities:
 
     Attributes:
         matrix: ``[k, N or G]`` pooled estimate.
-        stderr: same shape, ``std/√chains`` of the per-chain estimates.
+        stderr: same shape, jackknife standard error over chains (leave one chain out).
         mu: ``[k]`` posterior means of the observables (for ``Restricted`` and ``LLC``: the LLC).
         names: observable names (rows). kinds: their classes' names.
         sample_ids: ``[N]`` dataset indices of the probe samples.

@@ -103,15 +103,15 @@ def reduce_sums(
     center_loss: float,
     all_reduce: AllReduce,
 ) -> Susceptibilities:
-    """All-reduce the per-chain sums, then compute the pooled matrix, per-chain standard errors and μ."""
+    """All-reduce the per-chain sums, then compute the pooled matrix, jackknife standard errors and μ."""
     groups = {"full": full.sums, **{name: s.sums for name, s in restricted.items()}}
     groups = _all_reduce_sums(groups, chain_ids, config.num_chains, all_reduce)
     full_sums = groups["full"]
     valid = full_sums["n"] > 0
     pooled_full = {k: v[valid].sum(dim=0, keepdim=True) for k, v in full_sums.items()}
     chi_plain, mu_plain = plain_chi(pooled_full)
-    chi_plain_chains, _ = plain_chi({k: v[valid] for k, v in full_sums.items()})
-    full_delta = ((pooled_full["L"][:, None] - pooled_full["l"]) / pooled_full["n"][:, None])[0]
+    chi_plain_chains, _ = plain_chi(_leave_one_out({k: v[valid] for k, v in full_sums.items()}))
+    full_delta = _delta(pooled_full)[0]
     rows, errors, mus, kinds = {}, {}, {}, {}
     nbeta = config.resolved_nbeta
     columns = probe.group_means if probe.group_names is not None else (lambda t: t)
@@ -122,10 +122,11 @@ def reduce_sums(
         kinds[observable.name] = type(observable).__name__
     for name in restricted:
         sums = groups[name]
-        ok = sums["n"] > 0
+        ok = (sums["n"] > 0) & valid  # jackknife replicates leave chain c out of both chain sets
         pooled = {k: v[ok].sum(dim=0, keepdim=True) for k, v in sums.items()}
         chi, e_g = restricted_chi(pooled, full_delta)
-        chi_chains, _ = restricted_chi({k: v[ok] for k, v in sums.items()}, full_delta)
+        full_loo = _delta(_leave_one_out({k: v[ok] for k, v in full_sums.items()}))
+        chi_chains, _ = restricted_chi(_leave_one_out({k: v[ok] for k, v in sums.items()}), full_loo)
         rows[name], errors[name] = columns(chi[0]), _stderr(columns(chi_chains))
         mus[name] = nbeta * float(e_g[0])
         kinds[name] = Restricted.__name__
@@ -149,10 +150,25 @@ def reduce_sums(
     )
 
 
-def _stderr(per_chain: torch.Tensor) -> torch.Tensor:
-    if per_chain.shape[0] < 2:
-        return torch.full(per_chain.shape[1:], math.nan, dtype=per_chain.dtype)
-    return per_chain.std(dim=0, unbiased=True) / math.sqrt(per_chain.shape[0])
+def _delta(sums: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``E[L] − E[ℓ_z]`` [..., N] of unrestricted chain sums."""
+    return (sums["L"][..., None] - sums["l"]) / sums["n"][..., None]
+
+
+def _leave_one_out(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per chain c, the pooled sums of all chains but c (jackknife replicates)."""
+    return {k: v.sum(dim=0, keepdim=True) - v for k, v in sums.items()}
+
+
+def _stderr(replicates: torch.Tensor) -> torch.Tensor:
+    """Jackknife standard error over chains: ``√((C−1)/C · Σ_c (θ_(c) − θ̄)²)`` from the leave-one-chain-out
+    estimates ``θ_(c)``. Unlike the spread of per-chain estimates it also covers the between-chain part of
+    the pooled covariance (chains that have not mixed)."""
+    chains = replicates.shape[0]
+    if chains < 2:
+        return torch.full(replicates.shape[1:], math.nan, dtype=replicates.dtype)
+    centred = replicates - replicates.mean(dim=0, keepdim=True)
+    return ((chains - 1) / chains * centred.square().sum(dim=0)).sqrt()
 
 
 def _all_reduce_sums(

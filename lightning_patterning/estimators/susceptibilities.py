@@ -11,7 +11,9 @@ weight-restricted component C, devinterp's two-chain estimator (``compute_suscep
     χ̃^C_z = E_C[ g·(L − ℓ_z) ] − E_C[g]·( E_full[L] − E_full[ℓ_z] )
 
 Draws of all chains are pooled through running sums (memory O(k·N), never O(draws·N)); the standard error
-is the spread of per-chain estimates, ``std/√chains``. Sources: Baker et al. arXiv 2504.18274 (App. C.4);
+is a jackknife over chains (leave one chain out). It does not cover the choice of the fixed loss batches
+that define ``L``: a different batch set shifts every column of a row by about the same amount (use more
+``loss_batches`` to shrink that shift). Sources: Baker et al. arXiv 2504.18274 (App. C.4);
 Kreer et al. arXiv 2509.26544; devinterp 2.0.1 ``devinterp/slt/susceptibilities.py``.
 """
 
