@@ -101,24 +101,29 @@ class SusceptibilityCallback(EstimationCallback):
                 except ValueError as error:
                     raise MisconfigurationException(f"SusceptibilityCallback: {error}") from error
 
-    def estimate(
-        self, trainer: pl.Trainer, module: nn.Module, common: dict[str, Any]
-    ) -> tuple[Susceptibilities, dict[str, Any]]:
-        data = self.sgld_data(trainer)
-        probe = self.probe if self.probe is not None else data.dataset
+    def estimate_probe(self, trainer: pl.Trainer) -> tuple[Dataset, list[int], Any]:
+        """The probe dataset, the indices used (``probe_indices`` or ``probe_size`` evenly spaced ones) and
+        the group spec."""
+        probe = self.probe if self.probe is not None else self.sgld_data(trainer).dataset
         indices = self.probe_indices
         if indices is None:
             size = len(probe)  # type: ignore[arg-type]
             indices = torch.linspace(0, size - 1, min(size, self.probe_size)).round().long().unique().tolist()
+        return probe, indices, self.groups
+
+    def estimate(
+        self, trainer: pl.Trainer, module: nn.Module, common: dict[str, Any]
+    ) -> tuple[Susceptibilities, dict[str, Any]]:
+        probe, indices, groups = self.estimate_probe(trainer)
         result = estimate_susceptibilities(
             module,
             self._require_loss_fn(),
-            data,
+            self.sgld_data(trainer),
             self.config,
             self.observables,
             probe,
             probe_indices=indices,
-            groups=self.groups,
+            groups=groups,
             loss_batches=self.loss_batches,
             **common,
         )
