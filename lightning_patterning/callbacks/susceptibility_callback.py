@@ -42,8 +42,9 @@ class SusceptibilityCallback(EstimationCallback):
         loss_batches: minibatches forming the fixed set on which ``L(w)`` is measured.
         save_dir: where estimates are saved; default ``{logger.log_dir}/{name}``, or no saving without a
             logger.
-        every_n_train_steps, every_n_epochs, log_spaced_steps, first_step, last_step, loss_fn, dataloader,
-            name, progress: as in ``LLCCallback``.
+
+    The schedule (``every_n_train_steps``, ``every_n_epochs``, ``log_spaced_steps``, ``first_step``,
+    ``last_step``), ``loss_fn``, ``dataloader``, ``name`` and ``progress`` are as in ``LLCCallback``.
     """
 
     def __init__(

@@ -71,7 +71,11 @@ def estimate_susceptibilities(
         loss_batches: minibatches of ``config.batch_size`` forming the fixed set on which ``L(w)`` is
             measured.
         probe_batch_size: batch size of the probe forwards.
-        chain_ids, run, all_reduce, forward_context, progress: as in ``estimate_llc``.
+        chain_ids: chains run by this process (as in ``estimate_llc``).
+        run: index of this estimation, mixed into the seeds.
+        all_reduce: sums a tensor over processes.
+        forward_context: factory of a context manager around forwards.
+        progress: show progress bars.
     """
     if not isinstance(config, SGLDConfig):
         raise TypeError(f"config must be an SGLDConfig, got {type(config).__name__}")
