@@ -1,0 +1,236 @@
+"""The parentheses recipe: generator invariants (Dyck TRUE, unequal-count FALSE, equal-count non-nested
+OOD never trained on), determinism, uniform Dyck words, the classifier's per-sample loss (padding
+invariance, vmap, ``lp.estimate_llc``), and the LightningCLI on the baseline YAML."""
+
+from __future__ import annotations
+
+import collections
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+import lightning_patterning as lp
+from recipes.parentheses.data import (
+    CLS,
+    PAD,
+    ParenthesesData,
+    ParenthesesDataset,
+    boundary_violation,
+    boundary_violations,
+    collate_trimmed,
+    count_imbalance,
+    decode,
+    encode,
+    is_equal_count,
+    is_nested,
+    max_depth,
+    min_prefix_depth,
+    min_prefix_depths,
+    random_dyck_steps,
+    random_false_steps,
+)
+from recipes.parentheses.model import ParenthesesClassifier, evaluate
+
+BASELINE = Path(__file__).resolve().parents[1] / "recipes" / "parentheses" / "configs" / "baseline.yaml"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """A tiny model: intra-op threads only add synchronization. The previous setting is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_data(**kwargs: object) -> ParenthesesData:
+    settings = {"n_train": 2000, "n_val": 200, "n_ood_test": 300, "n_ood_probe": 100, "max_length": 12}
+    settings.update(kwargs)
+    return ParenthesesData(**settings)  # type: ignore[arg-type]
+
+
+def test_string_helpers() -> None:
+    assert max_depth("(()())") == 2 and max_depth("") == 0 and max_depth("))") == 0
+    assert min_prefix_depth("(())") == 0 and min_prefix_depth(")(") == -1 and min_prefix_depth("))((") == -2
+    assert min_prefix_depth("())(") == -1 and min_prefix_depth("(()))(()") == -1
+    assert count_imbalance("((()") == 2 and count_imbalance(")(") == 0 and count_imbalance("(") == 1
+    assert is_nested("(()())") and not is_nested(")(") and not is_nested("(()")
+    assert is_equal_count(")(") and not is_equal_count("(()")
+    assert boundary_violation(")(") and boundary_violation("()(") and not boundary_violation("(()))(()")
+    with pytest.raises(ValueError, match="'\\(' and '\\)'"):
+        max_depth("(a)")
+    tokens = encode(["()", ")(", "())((", "(()))(()"], max_length=8)
+    assert tokens.shape == (4, 9) and bool((tokens[:, 0] == CLS).all()) and int(tokens[0, 3]) == PAD
+    assert decode(tokens) == ["()", ")(", "())((", "(()))(()"]
+    assert min_prefix_depths(tokens).tolist() == [0, -1, -1, -1]
+    assert boundary_violations(tokens).tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("length", [2, 6, 10])
+def test_dyck_words_are_uniform(length: int) -> None:
+    words = random_dyck_steps(6000, length, torch.Generator().manual_seed(length))
+    strings = ["".join("(" if s > 0 else ")" for s in row) for row in words.tolist()]
+    assert all(is_nested(s) for s in strings)
+    catalan = math.comb(length, length // 2) // (length // 2 + 1)
+    counts = collections.Counter(strings)
+    assert len(counts) == catalan
+    expected = len(strings) / catalan
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < catalan - 1 + 6 * math.sqrt(2 * (catalan - 1)) + 1  # far inside the χ² tail
+
+
+@pytest.mark.parametrize("kind", ["random", "flip"])
+@pytest.mark.parametrize("length", [1, 2, 5, 8])
+def test_false_strings_never_have_equal_counts(kind: str, length: int) -> None:
+    steps = random_false_steps(4000, length, torch.Generator().manual_seed(1), kind, close_fraction=0.25)
+    assert steps.shape == (4000, length) and bool((steps.abs() == 1).all())
+    assert bool((steps.sum(dim=1) != 0).all())
+    assert abs((steps.sum(dim=1) < 0).float().mean().item() - 0.25) < 0.03
+    if kind == "flip":
+        assert set(steps.sum(dim=1).abs().tolist()) == {1 if length % 2 else 2}
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"false_kind": "flip", "odd_false": True, "min_length": 1, "false_close_fraction": 1.0}]
+)
+def test_data_module_invariants(options: dict[str, object]) -> None:
+    data = small_data(**options)
+    train = data.train_set
+    assert isinstance(train, ParenthesesDataset) and len(train) == 2000 and int(train.labels.sum()) == 1000
+    tokens, label, index = train[5]
+    assert tokens.shape == (13,) and label.dtype == torch.long and int(index) == 5
+    for dataset in (train, data.val_set):
+        for s, label in zip(dataset.strings, dataset.labels.tolist(), strict=True):
+            assert 1 <= len(s) <= 12
+            if label == 1:
+                assert is_nested(s) and len(s) % 2 == 0
+            else:
+                assert count_imbalance(s) > 0
+    ood = data.ood_test.strings
+    assert len(ood) == 300 and data.ood_test.labels.eq(0).all()
+    assert all(is_equal_count(s) and not is_nested(s) and min_prefix_depth(s) < 0 for s in ood)
+    probe = data.ood_probe_nested.strings
+    assert len(probe) == 100 and all(is_equal_count(s) and not is_nested(s) for s in probe)
+    assert not set(probe) & set(ood)  # held out from the OOD test set
+    assert data.ood_probe_nested.labels.eq(0).all() and data.ood_probe_equal.labels.eq(1).all()
+    assert data.ood_probe_equal.strings == probe
+    trained = set(train.strings)
+    assert not trained & (set(ood) | set(probe))  # OOD strings are never trained on
+
+
+def test_data_is_deterministic_per_seed() -> None:
+    first, again, other = small_data(seed=3), small_data(seed=3), small_data(seed=4)
+    for name in ("train_set", "val_set", "ood_test", "ood_probe_nested"):
+        assert torch.equal(getattr(first, name).tokens, getattr(again, name).tokens)
+        assert not torch.equal(getattr(first, name).tokens, getattr(other, name).tokens)
+    assert torch.equal(first.train_set.labels, again.train_set.labels)
+    # the evaluation sets do not depend on the training size
+    assert torch.equal(small_data(seed=3, n_train=500).ood_test.tokens, first.ood_test.tokens)
+
+
+def test_loaders_trim_padding() -> None:
+    data = small_data(batch_size=16)
+    tokens, labels, indices = next(iter(data.train_dataloader()))
+    assert tokens.shape[0] == 16 and tokens.shape[1] <= 13 and labels.shape == indices.shape == (16,)
+    assert bool((tokens != PAD).sum(dim=1).max() == tokens.shape[1])
+    short = collate_trimmed([data.ood_test[i] for i in range(4)])
+    assert short[0].shape[1] == int((data.ood_test.tokens[:4] != PAD).sum(dim=1).max())
+    assert len(data.val_dataloader()) == 2
+
+
+def tiny_model(seed: int = 0) -> ParenthesesClassifier:
+    torch.manual_seed(seed)
+    return ParenthesesClassifier(d_model=16, n_layers=1, n_heads=2, d_mlp=16, max_length=12)
+
+
+def test_per_sample_loss_and_padding_invariance() -> None:
+    model, data = tiny_model(), small_data()
+    tokens, labels, indices = data.train_set[:8]
+    losses = model.per_sample_loss([tokens, labels, indices])
+    assert losses.shape == (8,) and bool(torch.isfinite(losses).all())
+    trimmed = collate_trimmed([data.train_set[i] for i in range(8)])
+    torch.testing.assert_close(model.per_sample_loss(trimmed), losses, rtol=1e-5, atol=1e-6)
+    mean_pool = ParenthesesClassifier(
+        d_model=16, n_layers=1, n_heads=2, d_mlp=16, max_length=12, pooling="mean"
+    )
+    torch.testing.assert_close(
+        mean_pool.per_sample_loss(trimmed), mean_pool.per_sample_loss([tokens, labels])
+    )
+    assert model.model.attention_patterns(tokens).shape == (1, 8, 2, 13, 13)
+    metrics = evaluate(model, data.val_set.tokens, data.val_set.labels, data.ood_test.tokens)
+    assert 0.0 <= metrics["nested_score"] <= 1.0 and 0.0 <= metrics["accuracy"] <= 1.0
+    with pytest.raises(TypeError, match="tokens"):
+        model.per_sample_loss([torch.randn(2, 3), labels[:2]])
+
+
+def test_forward_under_vmap_over_stacked_parameters() -> None:
+    model, data = tiny_model(), small_data()
+    copies = [tiny_model(seed) for seed in range(3)]
+    params, buffers = stack_module_state(copies)
+    batch = collate_trimmed([data.train_set[i] for i in range(6)])
+
+    def loss(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+        return functional_call(model, (p, b), args=(batch[0],), strict=False).logsumexp(-1).sum()
+
+    values = vmap(loss)(params, buffers)
+    for i, copy in enumerate(copies):
+        torch.testing.assert_close(values[i], copy(batch[0]).logsumexp(-1).sum(), rtol=1e-5, atol=1e-4)
+
+
+def test_estimate_llc_runs_on_the_vmap_path() -> None:
+    model, data = tiny_model(), small_data()
+    config = lp.SGLDConfig(num_chains=2, num_draws=5, batch_size=16, lr=1e-4, nbeta=30, localization=300)
+    result = lp.estimate_llc(model, lambda m, b: m.per_sample_loss(b), data.train_set, config)
+    assert result.mode == "vmap" and math.isfinite(result.mean) and result.diverged_chains == 0
+    via_loader = lp.estimate_llc(model, lambda m, b: m.per_sample_loss(b), data.train_dataloader(), config)
+    assert via_loader.mode == "vmap" and math.isfinite(via_loader.mean)
+
+
+def test_cli_parses_the_baseline_config() -> None:
+    pytest.importorskip("jsonargparse")
+    from recipes.parentheses.cli import main
+
+    cli = main(
+        ["--config", str(BASELINE), "--data.max_length=16", "--trainer.logger=false"],
+        run=False,
+        save_config_callback=None,
+    )
+    assert isinstance(cli.model, ParenthesesClassifier) and isinstance(cli.datamodule, ParenthesesData)
+    assert cli.datamodule.max_length == 16 and cli.model.hparams.max_length == 16  # linked
+    assert cli.trainer.max_steps > 0
+
+
+def test_cli_fits_and_reports(tmp_path: Path) -> None:
+    pytest.importorskip("jsonargparse")
+    from recipes.parentheses.cli import main
+
+    args = [
+        "fit",
+        "--config",
+        str(BASELINE),
+        "--seed_everything=1",
+        "--trainer.max_steps=3",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--model.d_model=16",
+        "--model.d_mlp=16",
+        "--model.n_heads=2",
+        "--model.n_layers=1",
+        "--data.n_train=256",
+        "--data.n_val=64",
+        "--data.n_ood_test=64",
+        "--data.n_ood_probe=16",
+        "--data.batch_size=32",
+    ]
+    cli = main(args, save_config_callback=None)
+    assert cli.trainer.global_step == 3
+    assert set(cli.final_metrics) >= {
+        "accuracy",
+        "nested_score",
+        "nested_score_dip1",
+        "nested_score_dip2plus",
+    }
