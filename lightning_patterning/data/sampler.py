@@ -7,7 +7,8 @@ Sampling rule (weights ``w``, see :mod:`lightning_patterning.data.weights` for g
 Every rank computes the same *global* draw of the epoch, one chunk at a time, and keeps the positions
 ``rank, rank + R, rank + 2R, …`` of it (``R = num_replicas``), so the ranks' shards are disjoint as
 positions and together form the global draw. Randomness comes only from private generators seeded by
-``stable_seed(seed, epoch, weight version, block)``: no global RNG, same result on every rank and machine.
+``derive_seed(seed, epoch, weight version, block)`` (``sgld.seeding``): no global RNG, the same
+result on every rank and machine.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from lightning_patterning.data.weights import (
     cumulative,
     draw_with_replacement,
     draw_without_replacement,
-    generator_for,
     per_sample_weights,
     validate_groups,
     validate_weights,
 )
+from lightning_patterning.sgld.seeding import private_generator
 
 __all__ = ["WeightedDistributedSampler"]
 
@@ -259,7 +260,9 @@ class WeightedDistributedSampler(DistributedSampler[int]):
         if self.replacement:
             return
         probs = self._sample_probs(segment)
-        generator = generator_for(self.seed, draw.epoch, segment.version, segment.start // self.chunk_size)
+        generator = private_generator(
+            self.seed, draw.epoch, segment.version, segment.start // self.chunk_size
+        )
         available = torch.ones(self.dataset_length, dtype=torch.bool)
         if draw.order is None:
             draw.order = draw_without_replacement(probs, available, generator)[: self.global_num_samples]
@@ -278,7 +281,7 @@ class WeightedDistributedSampler(DistributedSampler[int]):
         blocks = []
         for block in range(start // self.chunk_size, math.ceil(stop / self.chunk_size)):
             segment = next(s for s in reversed(draw.segments) if s.start <= block * self.chunk_size)
-            generator = generator_for(self.seed, draw.epoch, segment.version, block)
+            generator = private_generator(self.seed, draw.epoch, segment.version, block)
             blocks.append(draw_with_replacement(self._sample_cdf(segment), self.chunk_size, generator))
         return torch.cat(blocks)[: stop - start]
 

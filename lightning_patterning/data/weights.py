@@ -16,8 +16,6 @@ inverse-CDF draws with replacement and Efraimidis–Spirakis orders without repl
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +26,6 @@ __all__ = [
     "draw_with_replacement",
     "draw_without_replacement",
     "per_sample_weights",
-    "stable_seed",
     "validate_groups",
     "validate_weights",
 ]
@@ -104,17 +101,6 @@ def per_sample_weights(weights: Tensor, groups: Tensor | None, counts: Tensor | 
             "weights put all their mass on groups that have no samples; give a non-empty group > 0"
         )
     return probs
-
-
-def stable_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, identical across processes, machines and Python versions."""
-    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-def generator_for(*parts: int) -> torch.Generator:
-    """A private CPU generator seeded by :func:`stable_seed` of ``parts``."""
-    return torch.Generator().manual_seed(stable_seed(*parts))
 
 
 def cumulative(probs: Tensor) -> tuple[Tensor, int]:
