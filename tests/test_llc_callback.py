@@ -185,11 +185,14 @@ def test_bad_arguments_fail_at_construction(kwargs, error, match):
         lp.LLCCallback(**kwargs)
 
 
-def test_sharded_strategies_are_refused():
+@pytest.mark.parametrize("strategy", ["FSDPStrategy", "DeepSpeedStrategy"])
+@pytest.mark.parametrize("owner", ["LLCCallback", "SusceptibilityCallback", "PatterningCallback"])
+def test_sharded_strategies_are_refused(strategy, owner):
     from types import SimpleNamespace
 
-    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch import strategies
 
-    trainer = SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy))
-    with pytest.raises(MisconfigurationException, match="does not support the FSDPStrategy"):
-        lp.callbacks.trainer_adapters.check_strategy(trainer, "LLCCallback")
+    cls = getattr(strategies, strategy)
+    trainer = SimpleNamespace(strategy=cls.__new__(cls))
+    with pytest.raises(MisconfigurationException, match=f"{owner} does not support the {strategy}"):
+        lp.callbacks.trainer_adapters.check_strategy(trainer, owner)
