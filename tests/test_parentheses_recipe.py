@@ -234,3 +234,22 @@ def test_cli_fits_and_reports(tmp_path: Path) -> None:
         "nested_score_dip1",
         "nested_score_dip2plus",
     }
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "last"])
+def test_causal_attention_and_poolings(pooling: str) -> None:
+    torch.manual_seed(0)
+    model = ParenthesesClassifier(
+        d_model=16, n_layers=2, n_heads=2, d_mlp=16, max_length=12, pooling=pooling, causal=True
+    )
+    data = small_data()
+    tokens, labels, _ = data.train_set[:8]
+    trimmed = collate_trimmed([data.train_set[i] for i in range(8)])
+    torch.testing.assert_close(model.per_sample_loss(trimmed), model.per_sample_loss([tokens, labels]))
+    patterns = model.model.attention_patterns(tokens)
+    assert torch.all(patterns.triu(diagonal=1) == 0)
+    logits = model(tokens)
+    if pooling == "cls":  # under causal attention the CLS position sees only itself
+        torch.testing.assert_close(logits, logits[:1].expand_as(logits))
+    else:
+        assert not torch.allclose(logits, logits[:1].expand_as(logits))

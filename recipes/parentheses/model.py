@@ -32,25 +32,28 @@ from recipes.parentheses.data import PAD, VOCAB_SIZE, boundary_violations, min_p
 Batch = Sequence[torch.Tensor]
 """``(tokens [B, T], labels [B], indices [B])``; only the first two are used."""
 
-POOLINGS = ("cls", "mean")
+POOLINGS = ("cls", "mean", "last")
 
 
 class SelfAttention(nn.Module):
-    """Multi-head bidirectional self-attention with a key-padding mask.
+    """Multi-head self-attention with a key-padding mask (and optionally a causal mask).
 
-    ``out = o_proj(concat_h softmax(q_h k_hᵀ / √d_h + mask) v_h)``, the mask setting padded keys to −∞.
+    ``out = o_proj(concat_h softmax(q_h k_hᵀ / √d_h + mask) v_h)``, the mask setting padded keys (and,
+    when ``causal``, keys after the query) to −∞.
 
     Args:
         d_model: residual stream width.
         n_heads: number of heads; must divide ``d_model``.
+        causal: whether position ``t`` attends only to positions ``<= t``.
     """
 
-    def __init__(self, d_model: int, n_heads: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, causal: bool = False) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
         self.n_heads = n_heads
         self.d_head = d_model // n_heads
+        self.causal = causal
         self.q_proj = nn.Linear(d_model, d_model)
         self.k_proj = nn.Linear(d_model, d_model)
         self.v_proj = nn.Linear(d_model, d_model)
@@ -68,7 +71,11 @@ class SelfAttention(nn.Module):
         k = self.k_proj(x).view(shape).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
         scores = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)  # [B, H, T, T]
-        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+        masked = padding[:, None, None, :]
+        if self.causal:
+            later = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(diagonal=1)
+            masked = masked | later
+        scores = scores.masked_fill(masked, float("-inf"))
         pattern = scores.softmax(dim=-1)
         z = (pattern @ v).transpose(1, 2).reshape(batch, length, width)
         return self.o_proj(z), pattern
@@ -77,10 +84,10 @@ class SelfAttention(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-LayerNorm transformer block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))`` (GELU MLP)."""
 
-    def __init__(self, d_model: int, n_heads: int, d_mlp: int) -> None:
+    def __init__(self, d_model: int, n_heads: int, d_mlp: int, causal: bool = False) -> None:
         super().__init__()
         self.ln_attn = nn.LayerNorm(d_model)
-        self.attn = SelfAttention(d_model, n_heads)
+        self.attn = SelfAttention(d_model, n_heads, causal)
         self.ln_mlp = nn.LayerNorm(d_model)
         self.mlp = nn.Sequential(nn.Linear(d_model, d_mlp), nn.GELU(), nn.Linear(d_mlp, d_model))
 
@@ -99,7 +106,11 @@ class ParenthesesTransformer(nn.Module):
         n_heads: heads per block.
         d_mlp: hidden width of the MLPs.
         max_length: longest string; positions ``0 … max_length`` (CLS included) are embedded.
-        pooling: ``"cls"`` (read out the CLS position) or ``"mean"`` (mean over non-padding positions).
+        pooling: ``"cls"`` (read out the CLS position), ``"mean"`` (mean over non-padding positions) or
+            ``"last"`` (the last non-padding position).
+        causal: causal (decoder-style) attention: position ``t`` sees positions ``<= t`` only, so each
+            position can read its own prefix's depth. Use it with ``"mean"`` or ``"last"`` pooling (the
+            CLS position then sees only itself).
     """
 
     def __init__(
@@ -110,6 +121,7 @@ class ParenthesesTransformer(nn.Module):
         d_mlp: int = 128,
         max_length: int = 20,
         pooling: str = "cls",
+        causal: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -118,7 +130,7 @@ class ParenthesesTransformer(nn.Module):
         self.pooling = pooling
         self.embed = nn.Embedding(VOCAB_SIZE, d_model)
         self.pos_embed = nn.Embedding(max_length + 1, d_model)
-        self.blocks = nn.ModuleList(EncoderBlock(d_model, n_heads, d_mlp) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(EncoderBlock(d_model, n_heads, d_mlp, causal) for _ in range(n_layers))
         self.ln_final = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, 2)
 
@@ -143,6 +155,9 @@ class ParenthesesTransformer(nn.Module):
         x = self.ln_final(x)
         if self.pooling == "cls":
             pooled = x[:, 0]
+        elif self.pooling == "last":
+            last = (~padding).long().sum(dim=1) - 1  # CLS first, no gaps: the last real position
+            pooled = x.gather(1, last[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
         else:
             keep = (~padding).to(x.dtype)[..., None]
             pooled = (x * keep).sum(dim=1) / keep.sum(dim=1)
@@ -172,7 +187,8 @@ class ParenthesesClassifier(L.LightningModule):
         n_heads: heads per block.
         d_mlp: MLP hidden width.
         max_length: longest string (match the data's ``max_length``).
-        pooling: ``"cls"`` or ``"mean"``.
+        pooling: ``"cls"``, ``"mean"`` or ``"last"``.
+        causal: causal (decoder-style) attention.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         warmup_steps: steps of linear learning-rate warm-up from 0.
@@ -188,6 +204,7 @@ class ParenthesesClassifier(L.LightningModule):
         d_mlp: int = 128,
         max_length: int = 20,
         pooling: str = "cls",
+        causal: bool = False,
         lr: float = 1e-3,
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
@@ -195,7 +212,7 @@ class ParenthesesClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = ParenthesesTransformer(d_model, n_layers, n_heads, d_mlp, max_length, pooling)
+        self.model = ParenthesesTransformer(d_model, n_layers, n_heads, d_mlp, max_length, pooling, causal)
         self.val_accuracy = BinaryAccuracy()
         self.nested_score = MeanMetric()
         self.nested_score_dip1 = MeanMetric()
