@@ -20,6 +20,7 @@ Kreer et al. arXiv 2509.26544; devinterp 2.0.1 ``devinterp/slt/susceptibilities.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -89,12 +90,16 @@ def estimate_susceptibilities(
     plain = [o for o in observables if not o.restricted]
     plain_data = {o.name: _probe_loss_batches(o, probe_batch_size) for o in plain if isinstance(o, ProbeLoss)}
 
+    # The chains' own minibatch losses at w* (``DrawRecord.center_loss``, the paired LLC estimator) are never
+    # used here: skip that forward at every draw.
+    chain_config = replace(config, paired=False)
+
     def runner(masks: ParamMasks, index: int) -> ChainRunner:
         return ChainRunner(
             model,
             loss_fn,
             source,
-            config,
+            chain_config,
             masks,
             chain_ids=chain_ids,
             run=run * 1000 + index,

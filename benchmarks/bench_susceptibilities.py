@@ -1,0 +1,588 @@
+"""Benchmark ``lp.estimate_susceptibilities`` against devinterp 2.0.1's ``susceptibilities()``.
+
+Run from the repository root::
+
+    .venv/bin/python -m benchmarks.bench_susceptibilities            # reference case (~15 min on 1 core)
+    .venv/bin/python -m benchmarks.bench_susceptibilities --quick    # smoke run (~1 min)
+    .venv/bin/python -m benchmarks.bench_susceptibilities --draws 200 --json out.json
+
+Reference case (the issue "Susceptibilities"): ``recipes.induction.InductionLM`` (2-layer attention-only
+byte LM, 8 heads per layer, d_model 64, context 32, 68,736 parameters), trained for 300 AdamW steps on byte
+windows first (weights cached in a temporary file for the run); SGLD on 4,096 windows of 33 bytes of the
+Python standard library (32 predicted positions; both sides see the same windows); a probe of 1,024
+repeated-halves sequences; weight restrictions "full" plus the 16 heads (``lp.attention.head_restrictions``,
+the same masks on both sides); lr 1e-3, nβ 30, γ 300, batch 32, 4 chains × ``--draws`` draws.
+
+* devinterp: ``observables = {"pretrain": (windows, 3), "probe": (probe, 32)}`` (3 × 32 fixed windows for
+  ``L``, all 1,024 probe sequences at every draw), ``sampling_task="pretrain"``, per-token losses; its
+  per-token χ averaged over the 32 positions is the comparable per-sequence quantity.
+* ours: ``observables = head_restrictions(model)``, ``probe`` = the 1,024 sequences with per-sample loss =
+  mean per-token cross entropy, ``loss_batches=3``. Variants: the same draws and steps as devinterp
+  (k = ``steps_between_draws`` = 1), half the draws (memory must not grow with draws), and the same number of
+  SGLD steps with the probe evaluated only every k-th step (k = 2, 4).
+
+Each contestant runs in a fresh subprocess (``torch.set_num_threads(--threads)``, default 1) that reports
+wall and CPU time of the estimate alone and its peak resident memory (``ru_maxrss``, plus the resident
+memory just before the estimate, so imports and data are visible separately). Agreement with devinterp is
+per head: the correlation across the 1,024 probe sequences of our row with devinterp's row, and the ratio
+of their standard deviations. Because both rows are Monte-Carlo estimates, ``--noise-reference`` (on by
+default) also runs ours k = 1 with another seed: ours-vs-ours agreement is the level that MC error allows.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # devinterp draws one bar per chain
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+SETTINGS: dict[str, Any] = dict(
+    lr=1e-3,
+    nbeta=30.0,
+    localization=300.0,
+    num_chains=4,
+    batch_size=32,
+    windows=4096,
+    probe=1024,
+    context=32,  # predicted positions; windows hold context + 1 bytes
+    loss_batches=3,  # ours loss_batches == devinterp's batches_per_draw of the sampling task
+    train_steps=300,
+    probe_batch_size=256,
+)
+QUICK: dict[str, Any] = dict(windows=512, probe=128, train_steps=50)
+DATA_SEED, PROBE_SEED, TRAIN_SEED = 0, 1, 0
+
+
+@dataclass
+class Job:
+    """One subprocess: a contestant and its sampler settings."""
+
+    name: str
+    contestant: str  # "ours" or "devinterp"
+    draws: int
+    steps_between_draws: int = 1
+    seed: int = 0
+    probe_batch_size: int | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.draws * self.steps_between_draws
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def make_data(settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling windows ``[n, context + 1]`` and the probe sequences ``[N, context + 1]``."""
+    from recipes.induction.data import byte_windows, repeated_halves
+
+    length = settings["context"] + 1
+    windows = byte_windows(settings["windows"], length, DATA_SEED)
+    probe = repeated_halves(settings["probe"], length, PROBE_SEED)
+    return windows, probe
+
+
+def make_model() -> Any:
+    from recipes.induction.model import InductionLM
+
+    return InductionLM(context=SETTINGS["context"])
+
+
+def train(settings: dict[str, Any], path: Path) -> float:
+    """Train ``InductionLM`` briefly with AdamW on the sampling windows; save the weights; final loss."""
+    torch.manual_seed(TRAIN_SEED)
+    windows, _ = make_data(settings)
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(TRAIN_SEED)
+    loss = torch.tensor(float("nan"))
+    for _ in range(settings["train_steps"]):
+        batch = windows[torch.randint(len(windows), (64,), generator=generator)]
+        loss = model.per_sample_loss(batch).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.save(model.state_dict(), path)
+    return float(loss.detach())
+
+
+def load_model(path: Path) -> Any:
+    model = make_model()
+    model.load_state_dict(torch.load(path, weights_only=True))
+    return model
+
+
+# --------------------------------------------------------------------------------------------- workers
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _peak_kb() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run_ours(job: Job, settings: dict[str, Any], weights: Path) -> dict[str, Any]:
+    import lightning_patterning as lp
+    from lightning_patterning.attention import head_restrictions
+
+    model = load_model(weights)
+    windows, probe = make_data(settings)
+    observables = head_restrictions(model)
+    config = lp.SGLDConfig(
+        lr=settings["lr"],
+        nbeta=settings["nbeta"],
+        localization=settings["localization"],
+        num_chains=settings["num_chains"],
+        num_draws=job.draws,
+        steps_between_draws=job.steps_between_draws,
+        batch_size=settings["batch_size"],
+        seed=job.seed,
+    )
+
+    def loss_fn(module: Any, batch: Any) -> torch.Tensor:
+        return module.per_sample_loss(batch)
+
+    rss_before = _rss_kb()
+    start_cpu, start = time.process_time(), time.perf_counter()
+    chi = lp.estimate_susceptibilities(
+        model,
+        loss_fn,
+        TensorDataset(windows),
+        config,
+        observables,
+        TensorDataset(probe),
+        loss_batches=settings["loss_batches"],
+        probe_batch_size=job.probe_batch_size or settings["probe_batch_size"],
+    )
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+    return dict(
+        wall=wall,
+        cpu=cpu,
+        peak_kb=_peak_kb(),
+        rss_before_kb=rss_before,
+        names=list(chi.names),
+        rows=chi.matrix.double(),
+        stderr=chi.stderr.double(),
+    )
+
+
+def run_devinterp(job: Job, settings: dict[str, Any], weights: Path) -> dict[str, Any]:
+    import numpy as np
+    import xarray as xr
+    from datasets import Dataset
+    from devinterp.slt.observables import DeterministicShuffledSampler
+    from devinterp.slt.susceptibilities import susceptibilities
+
+    from lightning_patterning.attention import head_restrictions
+
+    model = load_model(weights)
+    windows, probe = make_data(settings)
+    heads = head_restrictions(model)
+    restrictions: dict[str, Any] = {"full": None}
+    restrictions.update({h.name: {n: m.float() for n, m in h.masks.items()} for h in heads})
+    sampling = Dataset.from_dict({"input_ids": windows.tolist()}).with_format("torch")
+    probe_ds = Dataset.from_dict({"input_ids": probe.tolist()}).with_format("torch")
+    batch = settings["batch_size"]
+    observables = {
+        "pretrain": (sampling, settings["loss_batches"]),
+        "probe": (probe_ds, len(probe) // batch),
+    }
+
+    def loss_fn(module: Any, input_ids: torch.Tensor) -> torch.Tensor:
+        return module.per_token_loss(input_ids)
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_sus_devinterp_"))
+    try:
+        rss_before = _rss_kb()
+        start_cpu, start = time.process_time(), time.perf_counter()
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = susceptibilities(
+                model,
+                sampling,
+                observables,
+                restrictions,
+                sampling_task="pretrain",
+                lr=settings["lr"],
+                n_beta=settings["nbeta"],
+                loss_fn=loss_fn,
+                num_chains=settings["num_chains"],
+                num_draws=job.draws,
+                num_steps_bw_draws=job.steps_between_draws,
+                batch_size=batch,
+                localization=settings["localization"],
+                init_seed=100 + job.seed,
+                device="cpu",
+                output_path=folder / "samples.zarr",
+            )
+            sus = tree["susceptibilities"]["sus"].values  # [N × positions, wr], probe only
+            wr_names = [str(w) for w in tree["susceptibilities"]["wr"].values]
+        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        peak = _peak_kb()
+
+        # devinterp evaluates the probe in DeterministicShuffledSampler order: map rows back to probe order.
+        order = DeterministicShuffledSampler(probe_ds, len(probe), seed=1337).indices
+        per_sequence = torch.as_tensor(sus).double().reshape(len(probe), settings["context"], -1).mean(dim=1)
+        rows = torch.empty(len(wr_names), len(probe), dtype=torch.float64)
+        rows[:, torch.as_tensor(order)] = per_sequence.T
+        ids = torch.as_tensor(tree["context"]["input_ids"].values).reshape(-1, settings["context"] + 1)
+        assert torch.equal(ids[: len(probe)], probe[torch.as_tensor(order)]), "probe order mismatch"
+
+        # The same estimator with our convention for L(w*): the loss at w* on the fixed "pretrain" windows
+        # (devinterp subtracts the mean of 32 random minibatches instead, a per-row constant c that enters
+        # as c·(E_C[L − ℓ_z] − E_full[L − ℓ_z])).
+        rows_same_center = _devinterp_rows_recomputed(folder, wr_names, model, order, len(probe), xr, np)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return dict(
+        wall=wall,
+        cpu=cpu,
+        peak_kb=peak,
+        rss_before_kb=rss_before,
+        names=wr_names,
+        rows=rows,
+        rows_same_center=rows_same_center,
+    )
+
+
+def _devinterp_rows_recomputed(
+    folder: Path, names: list[str], model: Any, order: list[int], size: int, xr: Any, np: Any
+) -> torch.Tensor:
+    def data(name: str) -> Any:
+        return xr.open_datatree(
+            str(folder / f"samples_{name}.zarr"), engine="zarr", consolidated=False
+        ).dataset
+
+    full = data("full")
+    ids = torch.as_tensor(full["input_ids_pretrain"].values)
+    with torch.no_grad():
+        center = float(model.per_token_loss(ids).double().mean())
+    full_delta = full["loss_pretrain"].values.mean() - full["loss_probe"].values.mean(axis=(0, 1, 3))
+    out = torch.empty(len(names), size, dtype=torch.float64)
+    for i, name in enumerate(names):
+        ds = data(name)
+        loss = ds["loss_pretrain"].values.astype(np.float64).mean(axis=(-2, -1))  # [chain, draw]
+        probe = ds["loss_probe"].values.astype(np.float64).mean(axis=-1)  # [chain, draw, N]
+        g = loss - center
+        chi = (g * loss).mean() - (g[..., None] * probe).mean(axis=(0, 1)) - g.mean() * full_delta
+        out[i, torch.as_tensor(order)] = torch.as_tensor(chi)
+    return out
+
+
+def autocorrelation(
+    settings: dict[str, Any], weights: Path, steps: int, probe_columns: int = 64
+) -> dict[str, Any]:
+    """Integrated autocorrelation time (in SGLD steps) of the draw series that enter the estimator.
+
+    Runs the unrestricted chains and two head restrictions (``l0h0``, ``l1h0``) for ``steps`` steps with a
+    draw at every step and records ``L(w_t)`` on the fixed windows and ``ℓ_z(w_t)`` on the first
+    ``probe_columns`` probe sequences. τ = 1 + 2·Σ ρ(t) (Sokal's window: stop at t ≥ 5τ), per chain, averaged.
+    Thinning by k ≲ τ removes draws that carry little independent information.
+    """
+    from lightning_patterning.attention import head_restrictions
+    from lightning_patterning.estimators.susceptibilities import restriction_masks
+    from lightning_patterning.sgld.batches import SampleSource, reference_batches
+    from lightning_patterning.sgld.chains import ChainRunner
+    from lightning_patterning.sgld.config import SGLDConfig
+    from lightning_patterning.sgld.restrict import resolve_param_masks
+
+    model = load_model(weights)
+    windows, probe = make_data(settings)
+    config = SGLDConfig(
+        lr=settings["lr"],
+        nbeta=settings["nbeta"],
+        localization=settings["localization"],
+        num_chains=settings["num_chains"],
+        num_draws=steps,
+        batch_size=settings["batch_size"],
+        paired=False,
+    )
+    source = SampleSource(TensorDataset(windows))
+    fixed = reference_batches(source, settings["batch_size"], settings["loss_batches"], 0, 0)
+    columns = [probe[:probe_columns]]
+    heads = {h.name: h for h in head_restrictions(model)}
+    restrictions = {
+        "full": resolve_param_masks(model, None),
+        "l0h0": restriction_masks(model, heads["l0h0"]),
+        "l1h0": restriction_masks(model, heads["l1h0"]),
+    }
+
+    def loss_fn(module: Any, batch: Any) -> torch.Tensor:
+        return module.per_sample_loss(batch)
+
+    out: dict[str, Any] = {}
+    for index, (name, masks) in enumerate(restrictions.items()):
+        series_loss: list[torch.Tensor] = []
+        series_probe: list[torch.Tensor] = []
+
+        def record(draw: Any, series_loss: list = series_loss, series_probe: list = series_probe) -> None:
+            series_loss.append(torch.stack([draw.per_sample_losses(b).mean(1) for b in fixed]).mean(0))
+            series_probe.append(draw.per_sample_losses(columns).double())
+
+        ChainRunner(model, loss_fn, source, config, masks, run=index).run(record)
+        loss = torch.stack(series_loss, dim=1).double()  # [chains, draws]
+        per_probe = torch.stack(series_probe, dim=1)  # [chains, draws, columns]
+        out[name] = dict(
+            tau_L=_tau(loss),
+            tau_probe_median=float(
+                torch.tensor([_tau(per_probe[..., j]) for j in range(probe_columns)]).median()
+            ),
+        )
+    return out
+
+
+def _tau(series: torch.Tensor) -> float:
+    """Mean over chains of the integrated autocorrelation time of ``series`` ``[chains, draws]``."""
+    taus = []
+    for x in series:
+        x = x - x.mean()
+        n = len(x)
+        var = float((x * x).mean())
+        if var == 0:
+            continue
+        tau = 1.0
+        for t in range(1, n // 2):
+            tau += 2 * float((x[:-t] * x[t:]).mean()) / var
+            if t >= 5 * tau:
+                break
+        taus.append(tau)
+    return sum(taus) / max(len(taus), 1)
+
+
+def worker(arguments: argparse.Namespace) -> None:
+    torch.set_num_threads(arguments.threads)
+    job = Job(**json.loads(arguments.worker))
+    settings = json.loads(arguments.settings)
+    run = run_devinterp if job.contestant == "devinterp" else run_ours
+    result = run(job, settings, Path(arguments.weights))
+    torch.save(result, arguments.out)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def spawn(job: Job, settings: dict[str, Any], weights: Path, folder: Path, threads: int) -> dict[str, Any]:
+    out = folder / f"{job.name}.pt"
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_susceptibilities",
+        "--worker",
+        json.dumps(asdict(job)),
+        "--settings",
+        json.dumps(settings),
+        "--weights",
+        str(weights),
+        "--out",
+        str(out),
+        "--threads",
+        str(threads),
+    ]
+    subprocess.run(command, check=True)
+    return torch.load(out, weights_only=False)
+
+
+def agreement(ours: dict[str, Any], reference: dict[str, Any], key: str = "rows") -> dict[str, Any]:
+    """Per head: correlation across probe sequences and ratio of standard deviations (ours / reference)."""
+    index = {n: i for i, n in enumerate(reference["names"])}
+    corr, ratio = [], []
+    for i, name in enumerate(ours["names"]):
+        a, b = ours["rows"][i], reference[key][index[name]]
+        corr.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
+        ratio.append(float(a.std() / b.std()))
+    return dict(names=list(ours["names"]), corr=corr, ratio=ratio)
+
+
+def _summary(values: list[float]) -> str:
+    ordered = sorted(values)
+    return f"{ordered[len(ordered) // 2]:.3f} [{ordered[0]:.3f}, {ordered[-1]:.3f}]"
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: small data, 10 draws")
+    parser.add_argument(
+        "--draws", type=int, default=None, help="draws of devinterp and ours k=1 (default 100)"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every worker")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these jobs (names)")
+    parser.add_argument("--no-noise-reference", action="store_true", help="skip ours k=1 with a second seed")
+    parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--settings", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.worker:
+        worker(arguments)
+        return
+
+    settings = {**SETTINGS, **(QUICK if arguments.quick else {})}
+    draws = arguments.draws or (8 if arguments.quick else 100)
+    jobs = [
+        Job("devinterp", "devinterp", draws),
+        Job("ours_k1", "ours", draws),
+        Job("ours_k1_half_draws", "ours", draws // 2),
+        Job("ours_k2", "ours", draws // 2, steps_between_draws=2),
+        Job("ours_k4", "ours", draws // 4, steps_between_draws=4),
+    ]
+    if not arguments.no_noise_reference:
+        jobs.append(Job("ours_k1_seed1", "ours", draws, seed=1))
+    if arguments.only:
+        jobs = [j for j in jobs if j.name in arguments.only or j.name == "devinterp"]
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_sus_"))
+    try:
+        weights = folder / "weights.pt"
+        start = time.perf_counter()
+        final_loss = train(settings, weights)
+        print(
+            f"trained {settings['train_steps']} AdamW steps in {time.perf_counter() - start:.1f} s: "
+            f"loss {final_loss:.3f}",
+            flush=True,
+        )
+        torch.set_num_threads(arguments.threads)
+        taus = autocorrelation(settings, weights, steps=2 * draws)
+        for name, t in taus.items():
+            print(
+                f"autocorrelation time ({name} chains, steps): L {t['tau_L']:.1f}, "
+                f"probe losses (median over 64) {t['tau_probe_median']:.1f}",
+                flush=True,
+            )
+        results: dict[str, dict[str, Any]] = {}
+        loads: dict[str, str] = {}
+        for job in jobs:
+            loads[job.name] = _load()
+            results[job.name] = spawn(job, settings, weights, folder, arguments.threads)
+            r = results[job.name]
+            print(
+                f"{job.name:<20} draws {job.draws:>4} steps {job.steps:>4}: wall {r['wall']:7.1f} s, "
+                f"cpu {r['cpu']:7.1f} s, peak RSS {r['peak_kb'] / 1024:6.0f} MiB "
+                f"(before {r['rss_before_kb'] / 1024:.0f} MiB); load before {loads[job.name]}",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    report = report_markdown(jobs, results, loads, settings, arguments, taus)
+    print(report)
+    if arguments.json is not None:
+        payload = {
+            "settings": settings,
+            "machine": machine(),
+            "jobs": [asdict(j) for j in jobs],
+            "results": {
+                n: {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in r.items()}
+                for n, r in results.items()
+            },
+            "loads": loads,
+            "autocorrelation": taus,
+            "agreement": {
+                n: agreement(r, results["devinterp"]) for n, r in results.items() if n != "devinterp"
+            },
+        }
+        arguments.json.write_text(json.dumps(payload, indent=1))
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def report_markdown(
+    jobs: list[Job],
+    results: dict[str, dict[str, Any]],
+    loads: dict[str, str],
+    settings: dict[str, Any],
+    arguments: argparse.Namespace,
+    taus: dict[str, Any],
+) -> str:
+    base = results["devinterp"]
+    lines = [
+        f"machine: {machine()}; threads {arguments.threads}",
+        "",
+        "Integrated autocorrelation time in SGLD steps (k = 1 draws, "
+        + ", ".join(
+            f"{n}: L {t['tau_L']:.1f}, ℓ_z median {t['tau_probe_median']:.1f}" for n, t in taus.items()
+        )
+        + ")",
+        "",
+        "| run | draws | SGLD steps | wall s | CPU s | speed-up (wall) | peak RSS MiB "
+        "| peak − RSS before MiB | corr vs devinterp, median [min, max] | scale ratio | load before |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
+    ]
+    for job in jobs:
+        r = results[job.name]
+        if job.name == "devinterp":
+            corr = scale = "—"
+        else:
+            a = agreement(r, base)
+            corr, scale = _summary(a["corr"]), _summary(a["ratio"])
+        lines.append(
+            f"| {job.name} | {job.draws} | {job.steps} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+            f"{base['wall'] / r['wall']:.2f}× | {r['peak_kb'] / 1024:.0f} | "
+            f"{(r['peak_kb'] - r['rss_before_kb']) / 1024:.0f} | {corr} | {scale} | {loads[job.name]} |"
+        )
+    extra = []
+    for name, r in results.items():
+        if name == "devinterp":
+            continue
+        a = agreement(r, base, key="rows_same_center")
+        extra.append(f"| {name} | {_summary(a['corr'])} | {_summary(a['ratio'])} |")
+    lines += [
+        "",
+        "Against devinterp's samples recomputed with our L(w*) (loss at w* on the fixed windows):",
+        "",
+        "| run | corr, median [min, max] | scale ratio |",
+        "|---|---|---|",
+        *extra,
+    ]
+    if "ours_k1_seed1" in results:
+        noise = agreement(results["ours_k1_seed1"], results["ours_k1"])
+        lines += [
+            "",
+            f"MC noise reference, ours k=1 seed 1 vs seed 0: corr {_summary(noise['corr'])}, "
+            f"scale ratio {_summary(noise['ratio'])}",
+        ]
+        for name in ("ours_k2", "ours_k4"):
+            if name in results:
+                a = agreement(results[name], results["ours_k1_seed1"])
+                lines.append(f"{name} vs ours k=1 seed 1: corr {_summary(a['corr'])}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
