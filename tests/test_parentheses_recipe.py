@@ -34,7 +34,8 @@ from recipes.parentheses.data import (
 )
 from recipes.parentheses.model import ParenthesesClassifier, evaluate
 
-BASELINE = Path(__file__).resolve().parents[1] / "recipes" / "parentheses" / "configs" / "baseline.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "parentheses" / "configs"
+BASELINE = CONFIGS / "baseline.yaml"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -189,12 +190,13 @@ def test_estimate_llc_runs_on_the_vmap_path() -> None:
     assert via_loader.mode == "vmap" and math.isfinite(via_loader.mean)
 
 
-def test_cli_parses_the_baseline_config() -> None:
+@pytest.mark.parametrize("config", ["baseline.yaml", "open_choice.yaml"])
+def test_cli_parses_the_configs(config: str) -> None:
     pytest.importorskip("jsonargparse")
     from recipes.parentheses.cli import main
 
     cli = main(
-        ["--config", str(BASELINE), "--data.max_length=16", "--trainer.logger=false"],
+        ["--config", str(CONFIGS / config), "--data.max_length=16", "--trainer.logger=false"],
         run=False,
         save_config_callback=None,
     )
