@@ -13,8 +13,17 @@ weight-restricted component C, devinterp's two-chain estimator (``compute_suscep
 Draws of all chains are pooled through running sums (memory O(k·N), never O(draws·N)); the standard error
 is a jackknife over chains (leave one chain out). It does not cover the choice of the fixed loss batches
 that define ``L``: a different batch set shifts every column of a row by about the same amount (use more
-``loss_batches`` to shrink that shift). Sources: Baker et al. arXiv 2504.18274 (App. C.4);
-Kreer et al. arXiv 2509.26544; devinterp 2.0.1 ``devinterp/slt/susceptibilities.py``.
+``loss_batches`` to shrink that shift).
+
+Cost: at every draw each chain evaluates the whole probe set and the loss batches (forwards only, all chains
+of a restriction in one vmapped call; parameters outside a restriction are not stacked, so the part of the
+forward before the first sampled parameter is computed once for all chains). With a probe much larger than
+a minibatch this dominates the SGLD steps, so thinning (``SGLDConfig.steps_between_draws = k``) divides the
+time almost by k at the same number of SGLD steps; draws closer than the chains' autocorrelation time add
+little information (docs/benchmarks.md, "Susceptibilities vs devinterp").
+
+Sources: Baker et al. arXiv 2504.18274 (App. C.4); Kreer et al. arXiv 2509.26544; devinterp 2.0.1
+``devinterp/slt/susceptibilities.py``.
 """
 
 from __future__ import annotations
@@ -71,7 +80,9 @@ def estimate_susceptibilities(
             mean of ``χ_z`` over the group's members.
         loss_batches: minibatches of ``config.batch_size`` forming the fixed set on which ``L(w)`` is
             measured.
-        probe_batch_size: batch size of the probe forwards.
+        probe_batch_size: batch size of the probe forwards (per chain; a forward holds activations for
+            ``num_chains × probe_batch_size`` samples: on CPU, smaller batches that stay in cache can be
+            faster, e.g. 64).
         chain_ids: chains run by this process (as in ``estimate_llc``).
         run: index of this estimation, mixed into the seeds.
         all_reduce: sums a tensor over processes.
