@@ -255,3 +255,111 @@ def test_causal_attention_and_poolings(pooling: str) -> None:
         torch.testing.assert_close(logits, logits[:1].expand_as(logits))
     else:
         assert not torch.allclose(logits, logits[:1].expand_as(logits))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Patterning arms, weights, statistics, Δχ file
+
+ARMS = ["baseline", "online_nested", "online_equal", "llc_route", "reference_heuristic"]
+
+
+@pytest.mark.parametrize("arm", ARMS)
+def test_arm_configs_parse(arm: str) -> None:
+    pytest.importorskip("jsonargparse")
+    from recipes.parentheses.cli import main
+    from recipes.parentheses.patterning import ProbePatterning
+
+    cli = main(
+        [
+            "--config",
+            str(BASELINE),
+            "--config",
+            str(CONFIGS / "arms" / f"{arm}.yaml"),
+            "--trainer.logger=false",
+            "--data.n_train=64",
+        ],
+        run=False,
+        save_config_callback=None,
+    )
+    assert isinstance(cli.datamodule, lp.PatterningDataModule)
+    callbacks = [c for c in cli.trainer.callbacks if isinstance(c, lp.PatterningCallback)]
+    if arm.startswith("online"):
+        (callback,) = callbacks
+        assert isinstance(callback, ProbePatterning) and callback.probe_attribute == "ood_probe_nested"
+        assert callback.target.values == {"ood_nested": -1.0 if arm == "online_nested" else 1.0}
+    elif arm == "llc_route":
+        (callback,) = callbacks
+        assert callback.target.values == {"llc": -1.0} and callback.susceptibilities_path.endswith(".json")
+    else:
+        assert not callbacks
+
+
+def test_reference_heuristic_weights() -> None:
+    from recipes.parentheses.patterning import heuristic_weights
+
+    weights = heuristic_weights(["()", "(())", "(()())", "((", ")))(", "(((((("], [1, 1, 1, 0, 0, 0])
+    assert weights.tolist() == [2.0, 3.0, 3.0, 1.0, 1.0, 2.0 / 6.0]
+
+
+def test_groups_and_natural_mass() -> None:
+    from recipes.parentheses.patterning import Sampling, group_keys, group_masses, wrap
+
+    data = small_data()
+    ids, names = group_keys(data.train_set)
+    assert len(ids) == data.n_train and set(ids) == set(range(len(names)))
+    for s, y, g in zip(data.train_set.strings, data.train_set.labels.tolist(), ids, strict=True):
+        label, feature, _ = names[g]
+        assert label == y and feature == (min(max_depth(s), 6) if y else min(count_imbalance(s), 8))
+    wrapped = wrap(data, Sampling(groups="depth_length"), seed=3)
+    natural = group_masses(data, None)
+    assert group_masses(data, wrapped.weights) == pytest.approx(natural)
+    heuristic = wrap(data, Sampling(groups="depth_length", weights="heuristic"), seed=3)
+    assert heuristic.weights.numel() == data.n_train
+
+
+def test_statistics_helpers() -> None:
+    from recipes.parentheses.patterning import fisher_exact, t_interval, wilcoxon_signed_rank
+
+    mean, low, high = t_interval([1.0, 2.0, 3.0])  # sd 1, t(2) = 4.303
+    assert (
+        mean == 2.0
+        and low == pytest.approx(2 - 4.303 / math.sqrt(3))
+        and high == pytest.approx(2 + 4.303 / math.sqrt(3))
+    )
+    # all 5 positive: W+ = 15, p = 2 / 32
+    assert wilcoxon_signed_rank([0.1, 0.2, 0.3, 0.4, 0.5]) == (15.0, pytest.approx(0.0625))
+    # ranks 1..4 with signs (−, +, +, +): W+ = 9; P(W+ >= 9) = 2/16 → p = 0.25
+    assert wilcoxon_signed_rank([-1.0, 2.0, 3.0, 4.0]) == (9.0, pytest.approx(0.25))
+    assert wilcoxon_signed_rank([0.0, 0.0]) == (0.0, 1.0)
+    # scipy.stats.fisher_exact([[8, 2], [1, 5]]) → p = 0.03496503...
+    assert fisher_exact(8, 2, 1, 5) == pytest.approx(0.034965, abs=1e-5)
+    assert fisher_exact(3, 3, 3, 3) == pytest.approx(1.0)
+
+
+def test_delta_chi_round_trips(tmp_path: Path) -> None:
+    from lightning_patterning.estimators.result import Susceptibilities
+    from recipes.parentheses.patterning import delta_chi
+
+    def fake(values: list[float], mu: float) -> Susceptibilities:
+        return Susceptibilities(
+            matrix=torch.tensor([values], dtype=torch.float64),
+            stderr=torch.full((1, len(values)), 0.1, dtype=torch.float64),
+            mu=torch.tensor([mu], dtype=torch.float64),
+            names=["llc"],
+            kinds=["LLC"],
+            sample_ids=torch.arange(6),
+            group_names=["0", "1", "2"],
+            group_index=torch.tensor([0, 0, 1, 1, 2, 2]),
+            nbeta=30.0,
+            center_loss=0.01,
+            diverged_chains={"full": 0},
+            config={"lr": 1e-4},
+        )
+
+    delta = delta_chi(fake([1.0, 2.0, 3.0], 5.0), fake([0.5, 2.5, 1.0], 7.0))
+    path = delta.save(tmp_path / "delta.json")
+    loaded = Susceptibilities.load(path)
+    assert loaded.names == ["llc"] and loaded.group_names == ["0", "1", "2"]
+    assert loaded.matrix.tolist() == [[0.5, -0.5, 2.0]] and float(loaded.mu[0]) == -2.0
+    assert loaded.stderr[0, 0].item() == pytest.approx(math.sqrt(0.02))
+    assert loaded.metadata["llc_nested"] == 5.0

@@ -4,6 +4,9 @@ The data's ``max_length`` is linked to the model's (set it under ``data:`` only)
 evaluates the trained model on the in-distribution validation set and the OOD test set, prints the
 in-distribution accuracy and the nested score (with its splits, see ``model.evaluate``), logs them as
 ``final/…`` scalars and keeps them in ``cli.final_metrics``.
+
+The ``sampling:`` section (``patterning.Sampling``) wraps the data in ``lp.PatterningDataModule`` for the
+patterning arms (``configs/arms/*.yaml``); without it the data module is used as is.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from recipes.parentheses.data import ParenthesesData
 from recipes.parentheses.model import ParenthesesClassifier, evaluate
+from recipes.parentheses.patterning import Sampling, wrap
 
 
 class ParenthesesCLI(LightningCLI):
@@ -23,6 +27,15 @@ class ParenthesesCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.max_length", "model.max_length")
+        parser.add_class_arguments(Sampling, "sampling", instantiate=False)
+
+    def instantiate_classes(self) -> None:
+        """As usual, then wrap the data for weighted sampling when ``sampling.groups`` is set."""
+        super().instantiate_classes()
+        options = self._get(self.config, "sampling")
+        sampling = Sampling(**{k: options[k] for k in ("groups", "weights", "seed")})
+        seed = self._get(self.config, "seed_everything")
+        self.datamodule = wrap(self.datamodule, sampling, int(seed) if seed is not None else 0)
 
     def after_fit(self) -> None:
         """Evaluate the trained model, print the result and log it as ``final/…``."""

@@ -1,0 +1,303 @@
+"""Patterning pieces of the parentheses recipe: data axis, weights, callbacks, reference solutions, stats.
+
+* **Data axis.** ``group_keys`` puts every training string in a group: TRUE strings by (max depth, capped
+  at 6) × length bucket, FALSE strings by (count imbalance, capped at 8) × length bucket (lengths ≤ 8,
+  10–14, 16–20) — about 30 groups. ``Sampling`` (the CLI's ``sampling:`` section) wraps the data in
+  ``lp.PatterningDataModule(groups=...)`` with starting weights = the groups' sizes (natural mass), or
+  per-sample ``heuristic_weights``.
+* **Online arms.** ``ProbePatterning`` is ``lp.PatterningCallback`` with the observable
+  ``ProbeLoss("ood_nested", data.ood_probe_nested)`` (held-out OOD strings labelled FALSE, NESTED's
+  answer) and the target ``Shift({"ood_nested": shift})``: ``shift = −1`` lowers that loss (favours
+  NESTED), ``shift = +1`` raises it (favours EQUAL-COUNT). The probe data comes from the datamodule at
+  ``setup``, so YAML only names it.
+* **LLC route.** ``train_reference`` trains on the training set plus extra OOD-type strings labelled by
+  one algorithm; ``delta_chi`` builds the one-row ``Susceptibilities`` ``Δχ = χ(λ_NESTED) − χ(λ_EQUAL)``.
+  Sign convention: ``χ = (1/nβ)·∂⟨φ⟩/∂h``, so ``Shift({"llc": −1})`` gives ``dh ∝ −Δχ``: it up-weights the
+  groups whose up-weighting lowers the LLC at the NESTED reference relative to the EQUAL-COUNT one — a
+  lower LLC means a lower Bayesian free energy, i.e. NESTED becomes relatively preferred.
+* **Statistics** (no scipy needed): ``t_interval`` (paired mean difference, 95 % t-interval),
+  ``wilcoxon_signed_rank`` (exact two-sided p by dynamic programming over the signed-rank distribution,
+  mid-ranks for ties, zero differences dropped), ``fisher_exact`` (two-sided, 2×2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import TensorDataset
+
+import lightning_patterning as lp
+from lightning_patterning.estimators.result import Susceptibilities
+from lightning_patterning.observables import ProbeLoss
+from lightning_patterning.sgld.config import SGLDConfig
+from recipes.parentheses.data import ParenthesesData, ParenthesesDataset, count_imbalance, max_depth
+
+GROUPINGS = ("depth_length",)
+WEIGHTINGS = ("natural", "heuristic")
+PROBES = {"ood_probe_nested": "ood_nested", "ood_probe_equal": "ood_equal"}
+
+# ----------------------------------------------------------------------------------------------------
+# Data axis and fixed weights
+
+
+def length_bucket(length: int) -> int:
+    """0: length ≤ 8, 1: 10–14, 2: ≥ 16."""
+    return 0 if length <= 8 else (1 if length <= 14 else 2)
+
+
+def group_key(s: str, label: int) -> tuple[int, int, int]:
+    """``(label, max depth ≤ 6 for TRUE | count imbalance ≤ 8 for FALSE, length bucket)``."""
+    feature = min(max_depth(s), 6) if label == 1 else min(count_imbalance(s), 8)
+    return (int(label), feature, length_bucket(len(s)))
+
+
+def group_keys(dataset: ParenthesesDataset) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """Group id of every string (ids ``0 … G−1`` in sorted key order) and the keys of the groups."""
+    keys = [group_key(s, int(y)) for s, y in zip(dataset.strings, dataset.labels.tolist(), strict=True)]
+    names = sorted(set(keys))
+    index = {k: i for i, k in enumerate(names)}
+    return [index[k] for k in keys], names
+
+
+def heuristic_weights(strings: Sequence[str], labels: Sequence[int]) -> torch.Tensor:
+    """Per-sample weights: TRUE strings ``1 + max depth``, FALSE strings ``2 / |count imbalance|``."""
+    weights = [
+        1.0 + max_depth(s) if int(y) == 1 else 2.0 / count_imbalance(s)
+        for s, y in zip(strings, labels, strict=True)
+    ]
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+@dataclass
+class Sampling:
+    """How training strings are drawn (the CLI's ``sampling:`` section).
+
+    Args:
+        groups: ``None`` (plain shuffled loader, the baseline study) or ``"depth_length"``: wrap the data
+            in ``lp.PatterningDataModule(groups=...)`` with the groups of ``group_keys``.
+        weights: ``"natural"`` (group weight = group size) or ``"heuristic"`` (per-sample
+            ``heuristic_weights``; one weight per sample, no groups).
+        seed: seed of the weighted draw; ``None``: the run's ``seed_everything``.
+    """
+
+    groups: str | None = None
+    weights: str = "natural"
+    seed: int | None = None
+
+
+def wrap(data: ParenthesesData, sampling: Sampling, seed: int) -> lp.PatterningDataModule | ParenthesesData:
+    """``data`` wrapped for weighted sampling as ``sampling`` says (unchanged when ``groups`` is None)."""
+    if sampling.groups is None:
+        return data
+    if sampling.groups not in GROUPINGS or sampling.weights not in WEIGHTINGS:
+        raise ValueError(f"sampling: groups must be in {GROUPINGS}, weights in {WEIGHTINGS}; got {sampling}")
+    draw_seed = seed if sampling.seed is None else sampling.seed
+    train = data.train_set
+    if sampling.weights == "heuristic":
+        wrapped = lp.PatterningDataModule(data, groups=None, seed=draw_seed)
+        wrapped.set_weights(heuristic_weights(train.strings, train.labels.tolist()))
+        return wrapped
+    ids, _ = group_keys(train)
+    wrapped = lp.PatterningDataModule(data, groups=ids, seed=draw_seed)
+    wrapped.set_weights(torch.bincount(torch.tensor(ids)).double())  # natural mass
+    return wrapped
+
+
+def group_masses(data: ParenthesesData, weights: torch.Tensor | None) -> dict[tuple[int, int, int], float]:
+    """Probability mass of each group (``depth_length`` keys) under per-group or per-sample ``weights``."""
+    ids, names = group_keys(data.train_set)
+    ids_t = torch.tensor(ids)
+    if weights is None:
+        weights = torch.bincount(ids_t).double()
+    weights = weights.double()
+    if len(weights) == len(ids):  # per sample
+        weights = torch.zeros(len(names), dtype=torch.float64).index_add_(0, ids_t, weights)
+    mass = weights / weights.sum()
+    return {k: float(m) for k, m in zip(names, mass, strict=True)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Online arm
+
+
+class ProbePatterning(lp.PatterningCallback):
+    """``lp.PatterningCallback`` on one OOD probe of the datamodule: ``Shift({name: shift})``.
+
+    Args:
+        probe: ``"ood_probe_nested"`` (OOD strings labelled FALSE, observable ``ood_nested``) or
+            ``"ood_probe_equal"`` (labelled TRUE, observable ``ood_equal``).
+        shift: target change of the probe's loss (−1: lower it).
+        probe_max_samples: evaluate the probe loss on its first this many strings (``None``: all).
+        config: SGLD settings. The other arguments are ``lp.PatterningCallback``'s.
+    """
+
+    def __init__(
+        self,
+        probe: str = "ood_probe_nested",
+        shift: float = -1.0,
+        config: SGLDConfig | None = None,
+        strength: float = 0.5,
+        rule: str = "multiplicative",
+        floor: float = 0.05,
+        max_change: float | None = None,
+        rtol: float = 1e-3,
+        ridge: float = 0.0,
+        probe_max_samples: int | None = None,
+        probe_size: int = 512,
+        loss_batches: int = 4,
+        every_n_train_steps: int | None = 100,
+        first_step: int = 1,
+        last_step: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
+        self.probe_attribute = probe
+        name = PROBES[probe]
+        placeholder = TensorDataset(torch.zeros(1))  # replaced by the datamodule's probe at setup
+        super().__init__(
+            config,
+            [ProbeLoss(name, placeholder, max_samples=probe_max_samples)],
+            lp.targets.Shift({name: float(shift)}),
+            strength=strength,
+            rule=rule,
+            floor=floor,
+            max_change=max_change,
+            rtol=rtol,
+            ridge=ridge,
+            probe_size=probe_size,
+            loss_batches=loss_batches,
+            every_n_train_steps=every_n_train_steps,
+            first_step=first_step,
+            last_step=last_step,
+            progress=progress,
+        )
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.observables[0].data = getattr(trainer.datamodule, self.probe_attribute)
+        super().setup(trainer, pl_module, stage)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LLC route: reference solutions and Δχ
+
+
+def reference_set(data: ParenthesesData, algorithm: str, n_extra: int) -> ParenthesesDataset:
+    """The training set plus ``n_extra`` OOD-type strings (disjoint from the OOD test set), labelled
+    FALSE (``algorithm="nested"``) or TRUE (``"equal"``)."""
+    if algorithm not in ("nested", "equal"):
+        raise ValueError(f"algorithm must be 'nested' or 'equal', got {algorithm!r}")
+    extra = data._ood(n_extra, "ood_reference", exclude=data.ood_test.tokens)
+    label = 0 if algorithm == "nested" else 1
+    train = data.train_set
+    return ParenthesesDataset(
+        torch.cat([train.tokens, extra]),
+        torch.cat([train.labels, torch.full((len(extra),), label, dtype=torch.long)]),
+    )
+
+
+def delta_chi(nested: Susceptibilities, equal: Susceptibilities) -> Susceptibilities:
+    """One-row ``Susceptibilities``: ``χ(λ_NESTED) − χ(λ_EQUAL)`` (the ``llc`` rows; same columns)."""
+    if nested.columns != equal.columns:
+        raise ValueError("the two estimates must have the same columns (same probe and groups)")
+    row_n, row_e = nested.names.index("llc"), equal.names.index("llc")
+    matrix = (nested.matrix[row_n] - equal.matrix[row_e])[None]
+    stderr = torch.sqrt(nested.stderr[row_n] ** 2 + equal.stderr[row_e] ** 2)[None]
+    mu = (nested.mu[row_n] - equal.mu[row_e]).reshape(1)
+    diverged = {f"nested/{k}": v for k, v in nested.diverged_chains.items()}
+    diverged.update({f"equal/{k}": v for k, v in equal.diverged_chains.items()})
+    return Susceptibilities(
+        matrix=matrix,
+        stderr=stderr,
+        mu=mu,
+        names=["llc"],
+        kinds=[nested.kinds[row_n]],
+        sample_ids=nested.sample_ids.clone(),
+        group_names=None if nested.group_names is None else list(nested.group_names),
+        group_index=None if nested.group_index is None else nested.group_index.clone(),
+        nbeta=nested.nbeta,
+        center_loss=nested.center_loss - equal.center_loss,
+        diverged_chains=diverged,
+        config=dict(nested.config),
+        metadata={
+            "what": "delta chi = chi(LLC at NESTED reference) - chi(LLC at EQUAL-COUNT reference)",
+            "llc_nested": float(nested.mu[row_n]),
+            "llc_equal": float(equal.mu[row_e]),
+        },
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Statistics
+
+_T975 = [
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+]  # fmt: skip
+
+
+def t_quantile_975(df: int) -> float:
+    """0.975 quantile of Student's t with ``df`` degrees of freedom (table to 30, then 1.96 + 2.4/df)."""
+    if df < 1:
+        return math.nan
+    return _T975[df - 1] if df <= 30 else 1.959964 + 2.4 / df
+
+
+def t_interval(differences: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of ``differences`` and its 95 % t-interval ``(mean, low, high)`` (NaN bounds for n < 2)."""
+    n = len(differences)
+    mean = sum(differences) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def wilcoxon_signed_rank(differences: Sequence[float]) -> tuple[float, float]:
+    """``(W+, two-sided exact p)`` of the Wilcoxon signed-rank test (zeros dropped, mid-ranks for ties).
+
+    The null distribution of ``W+`` (each rank's sign ± with probability ½) is enumerated exactly by
+    dynamic programming over doubled (integer) ranks; fine for any n used here. p = 1 when no non-zero
+    differences remain.
+    """
+    d = [x for x in differences if x != 0]
+    if not d:
+        return 0.0, 1.0
+    order = sorted(range(len(d)), key=lambda i: abs(d[i]))
+    ranks2 = [0] * len(d)  # 2 × mid-rank
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and abs(d[order[j + 1]]) == abs(d[order[i]]):
+            j += 1
+        for k in range(i, j + 1):
+            ranks2[order[k]] = i + j + 2  # (i+1 + j+1) = 2 × mid-rank
+        i = j + 1
+    w2 = sum(r for r, x in zip(ranks2, d, strict=True) if x > 0)
+    counts = {0: 1}
+    for r in ranks2:
+        new: dict[int, int] = dict(counts)
+        for s, c in counts.items():
+            new[s + r] = new.get(s + r, 0) + c
+        counts = new
+    n_all = 2 ** len(d)
+    low = sum(c for s, c in counts.items() if s <= w2) / n_all
+    high = sum(c for s, c in counts.items() if s >= w2) / n_all
+    return w2 / 2, min(1.0, 2 * min(low, high))
+
+
+def fisher_exact(a: int, b: int, c: int, d: int) -> float:
+    """Two-sided Fisher exact p of the 2×2 table ``[[a, b], [c, d]]`` (tables no more likely than it)."""
+    row1, col1, n = a + b, a + c, a + b + c + d
+
+    def prob(x: int) -> float:
+        return math.comb(col1, x) * math.comb(n - col1, row1 - x) / math.comb(n, row1)
+
+    observed = prob(a)
+    lo, hi = max(0, row1 + col1 - n), min(row1, col1)
+    return min(1.0, sum(p for x in range(lo, hi + 1) if (p := prob(x)) <= observed * (1 + 1e-9)))
