@@ -288,6 +288,14 @@ class ChainRunner:
         """``[chains]`` ``‖w_t − w*‖`` over the sampled parameters."""
         with torch.no_grad():
             total = torch.zeros(self.num_chains, device=self._device)
+            if self.mode == "vmap":
+                # One elementwise pass over the stacked tensor, then one full reduction per chain's
+                # contiguous slice: the same sums, in the same order, as the per-chain loop below
+                # (bitwise), without rebuilding every chain's parameter dict for every name.
+                for n, stacked in self._params[0].items():
+                    squares = (stacked - self._center[n]).float().square()
+                    total += torch.stack([squares[c].sum() for c in range(self.num_chains)])
+                return total.sqrt()
             for n in self._sampled_names:
                 for c in range(self.num_chains):
                     total[c] += (self._chain_params(c)[n] - self._center[n]).float().square().sum()
