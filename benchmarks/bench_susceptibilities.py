@@ -464,6 +464,7 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench_sus_"))
     try:
         weights = folder / "weights.pt"
+        torch.set_num_threads(arguments.threads)
         start = time.perf_counter()
         final_loss = train(settings, weights)
         print(
@@ -471,12 +472,11 @@ def main() -> None:
             f"loss {final_loss:.3f}",
             flush=True,
         )
-        torch.set_num_threads(arguments.threads)
         taus = autocorrelation(settings, weights, steps=draws, probe_columns=32)
         for name, t in taus.items():
             print(
                 f"autocorrelation time ({name} chains, steps): L {t['tau_L']:.1f}, "
-                f"probe losses (median over 64) {t['tau_probe_median']:.1f}",
+                f"probe losses (median over 32) {t['tau_probe_median']:.1f}",
                 flush=True,
             )
         results: dict[str, dict[str, Any]] = {}
