@@ -205,6 +205,21 @@ def test_cli_parses_the_configs(config: str) -> None:
     assert cli.trainer.max_steps > 0
 
 
+TINY = [
+    "--trainer.max_steps=3",
+    "--trainer.enable_progress_bar=false",
+    "--model.d_model=16",
+    "--model.d_mlp=16",
+    "--model.n_heads=2",
+    "--model.n_layers=1",
+    "--data.n_train=256",
+    "--data.n_val=64",
+    "--data.n_ood_test=64",
+    "--data.n_ood_probe=16",
+    "--data.batch_size=32",
+]
+
+
 def test_cli_fits_and_reports(tmp_path: Path) -> None:
     pytest.importorskip("jsonargparse")
     from recipes.parentheses.cli import main
@@ -214,19 +229,9 @@ def test_cli_fits_and_reports(tmp_path: Path) -> None:
         "--config",
         str(BASELINE),
         "--seed_everything=1",
-        "--trainer.max_steps=3",
         "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
-        "--model.d_model=16",
-        "--model.d_mlp=16",
-        "--model.n_heads=2",
-        "--model.n_layers=1",
-        "--data.n_train=256",
-        "--data.n_val=64",
-        "--data.n_ood_test=64",
-        "--data.n_ood_probe=16",
-        "--data.batch_size=32",
+        *TINY,
     ]
     cli = main(args, save_config_callback=None)
     assert cli.trainer.global_step == 3
@@ -334,6 +339,21 @@ def test_statistics_helpers() -> None:
     # scipy.stats.fisher_exact([[8, 2], [1, 5]]) → p = 0.03496503...
     assert fisher_exact(8, 2, 1, 5) == pytest.approx(0.034965, abs=1e-5)
     assert fisher_exact(3, 3, 3, 3) == pytest.approx(1.0)
+
+
+def test_make_delta_chi_end_to_end(tmp_path: Path) -> None:
+    """The LLC route's first stage on a tiny model: two reference solutions, χ(LLC) per group, Δχ file."""
+    pytest.importorskip("jsonargparse")
+    from lightning_patterning.estimators.result import Susceptibilities
+    from recipes.parentheses.llc_route import make_delta_chi
+
+    sgld = dict(lr=1e-4, nbeta=30.0, localization=300.0, num_chains=2, num_draws=4, batch_size=16)
+    out = tmp_path / "delta.json"
+    summary = make_delta_chi(str(BASELINE), out, n_extra=32, probe_size=64, overrides=TINY, sgld=sgld)
+    loaded = Susceptibilities.load(out)
+    assert loaded.names == ["llc"] and loaded.matrix.shape == (1, len(loaded.group_names))
+    assert torch.isfinite(loaded.matrix).all()
+    assert set(summary) >= {"nested", "equal", "delta_chi_by_group"}
 
 
 def test_delta_chi_round_trips(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -35,20 +37,32 @@ SGLD = dict(lr=1e-4, nbeta=30.0, localization=300.0, num_chains=4, num_draws=100
 
 
 def make_delta_chi(
-    config: str, out: Path, n_extra: int = 2000, probe_size: int = 2048, seed: int = 0
+    config: str,
+    out: Path,
+    n_extra: int = 2000,
+    probe_size: int = 2048,
+    seed: int = 0,
+    overrides: Sequence[str] = (),
+    sgld: dict[str, Any] | None = None,
 ) -> dict[str, object]:
-    """Build the Δχ file ``out`` for the base ``config``; returns a summary (also written next to it)."""
+    """Build the Δχ file ``out`` for the base ``config``; returns a summary (also written next to it).
+
+    ``overrides`` are extra CLI arguments (``--data.n_train=…``); ``sgld`` replaces ``SGLD`` (the sampler).
+    """
     from recipes.parentheses.cli import main as cli_main
 
-    cli = cli_main(["--config", config, "--trainer.logger=false"], run=False, save_config_callback=None)
+    cli = cli_main(
+        ["--config", config, "--trainer.logger=false", *overrides], run=False, save_config_callback=None
+    )
     data = cli.datamodule
-    hparams = dict(cli.model.hparams)
+    hparams = {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")}
     steps = int(cli.trainer.max_steps)
     ids, names = group_keys(data.train_set)
     n = len(ids)
     probe_indices = [round(i * (n - 1) / (probe_size - 1)) for i in range(probe_size)]
-    config_sgld = lp.SGLDConfig(**SGLD)
-    results, summary = {}, {"config": config, "n_extra": n_extra, "sgld": SGLD, "seed": seed}
+    sgld = SGLD if sgld is None else sgld
+    config_sgld = lp.SGLDConfig(**sgld)
+    results, summary = {}, {"config": config, "n_extra": n_extra, "sgld": sgld, "seed": seed}
     for algorithm in ("nested", "equal"):
         start = time.perf_counter()
         L.seed_everything(seed, verbose=False)

@@ -85,8 +85,15 @@ def favour(data: object) -> dict[str, float]:
     return {f"{k[0]}:{k[1]}:{k[2]}": final[k] / natural[k] for k in natural}
 
 
+def delta_chi_path(base: str) -> Path:
+    """The ``llc_route`` arm's Δχ file for the base config ``base``."""
+    return RESULTS / f"delta_chi_{Path(base).stem}.json"
+
+
 def train_run(base: str, arm: str, seed: int, overrides: list[str], validate: bool) -> dict[str, object]:
     """One (arm, seed) run through the CLI; its final metrics, wall time and group mass ratios."""
+    if arm == "llc_route":  # the arm's YAML names the baseline config's file; use the base config's own
+        overrides = [f"--trainer.callbacks.init_args.susceptibilities={delta_chi_path(base)}", *overrides]
     log_name = "parentheses/" + (arm if Path(base).stem == "baseline" else f"{Path(base).stem}/{arm}")
     args = [
         "fit",
@@ -308,12 +315,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     RESULTS.mkdir(exist_ok=True)
     csv_path, md_path = RESULTS / f"sweep_{name}.csv", RESULTS / f"sweep_{name}.md"
     command = "python -m recipes.parentheses.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
-    if args.make_delta_chi or (
-        "llc_route" in args.arms and not (RESULTS / "delta_chi_baseline.json").exists()
-    ):
+    if args.make_delta_chi or ("llc_route" in args.arms and not delta_chi_path(args.config).exists()):
         from recipes.parentheses.llc_route import make_delta_chi
 
-        make_delta_chi(args.config, RESULTS / f"delta_chi_{Path(args.config).stem}.json")
+        make_delta_chi(args.config, delta_chi_path(args.config))
     rows = read_rows(csv_path)
     done = {(r["arm"], r["seed"]) for r in rows}
     overrides = [f"--{kv}" for kv in args.set]
