@@ -265,7 +265,15 @@ def test_causal_attention_and_poolings(pooling: str) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Patterning arms, weights, statistics, Δχ file
 
-ARMS = ["baseline", "online_nested", "online_equal", "llc_route", "reference_heuristic"]
+ARMS = [
+    "baseline",
+    "online_nested",
+    "online_equal",
+    "online_nested_controlled",
+    "online_equal_controlled",
+    "llc_route",
+    "reference_heuristic",
+]
 
 
 @pytest.mark.parametrize("arm", ARMS)
@@ -290,13 +298,29 @@ def test_arm_configs_parse(arm: str) -> None:
     callbacks = [c for c in cli.trainer.callbacks if isinstance(c, lp.PatterningCallback)]
     if arm.startswith("online"):
         (callback,) = callbacks
-        assert isinstance(callback, ProbePatterning) and callback.probe_attribute == "ood_probe_nested"
-        assert callback.target.values == {"ood_nested": -1.0 if arm == "online_nested" else 1.0}
+        assert isinstance(callback, ProbePatterning)
+        assert callback.target.values == {"ood_nested": -1.0 if "nested" in arm else 1.0}
+        controls = ["dyck_probe"] if arm.endswith("controlled") else []
+        assert callback.probe_attributes == ["ood_probe_nested", *controls]
+        assert [o.name for o in callback.observables] == ["ood_nested"] + (["dyck"] if controls else [])
     elif arm == "llc_route":
         (callback,) = callbacks
         assert callback.target.values == {"llc": -1.0} and callback.susceptibilities_path.endswith(".json")
     else:
         assert not callbacks
+
+
+def test_dyck_control_probe() -> None:
+    from recipes.parentheses.patterning import ProbePatterning
+
+    data = ParenthesesData(n_train=64, n_val=16, n_ood_test=32, n_ood_probe=40, max_length=12)
+    probe = data.dyck_probe
+    assert len(probe) == 40 and probe.labels.eq(1).all()
+    assert all(is_nested(s) for s in probe.strings)
+    with pytest.raises(ValueError, match="controls"):
+        ProbePatterning(controls=["val_set"])
+    with pytest.raises(ValueError, match="controls"):
+        ProbePatterning(controls=["ood_probe_nested"])
 
 
 def test_reference_heuristic_weights() -> None:

@@ -462,6 +462,23 @@ class ParenthesesData(L.LightningDataModule):
         """The strings of ``ood_probe_nested`` labelled TRUE, as EQUAL-COUNT answers them."""
         return self.ood_probe_nested.relabelled(1)
 
+    @cached_property
+    def dyck_probe(self) -> ParenthesesDataset:
+        """Held-out Dyck words labelled TRUE (``n_ood_probe`` of them, the OOD lengths): a control probe.
+
+        Its loss rises when a model leans toward answering FALSE everywhere, so holding it fixed while
+        lowering ``ood_probe_nested``'s loss asks for rejecting non-nested strings *specifically*.
+        """
+        generator = self._generator("dyck_probe")
+        tokens = _by_length(
+            self.n_ood_probe,
+            self.even_lengths,
+            generator,
+            lambda count, length: random_dyck_steps(count, length, generator),
+            self.max_length,
+        )
+        return ParenthesesDataset(tokens, torch.ones(tokens.shape[0], dtype=torch.long))
+
     def setup(self, stage: str | None = None) -> None:
         """Build the sets (they are cached)."""
         _ = self.train_set, self.val_set, self.ood_test

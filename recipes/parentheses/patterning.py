@@ -37,7 +37,7 @@ from recipes.parentheses.data import ParenthesesData, ParenthesesDataset, count_
 
 GROUPINGS = ("depth_length",)
 WEIGHTINGS = ("natural", "heuristic")
-PROBES = {"ood_probe_nested": "ood_nested", "ood_probe_equal": "ood_equal"}
+PROBES = {"ood_probe_nested": "ood_nested", "ood_probe_equal": "ood_equal", "dyck_probe": "dyck"}
 
 # ----------------------------------------------------------------------------------------------------
 # Data axis and fixed weights
@@ -130,6 +130,10 @@ class ProbePatterning(lp.PatterningCallback):
         probe: ``"ood_probe_nested"`` (OOD strings labelled FALSE, observable ``ood_nested``) or
             ``"ood_probe_equal"`` (labelled TRUE, observable ``ood_equal``).
         shift: target change of the probe's loss (−1: lower it).
+        controls: more probes of the datamodule (e.g. ``["dyck_probe"]``: held-out Dyck words labelled
+            TRUE, observable ``dyck``) whose losses the target holds fixed (shift 0): the solve
+            ``dh = χ†·(shift, 0, …)`` then drops the part of the response that moves them too — for
+            ``dyck``, the class-prior direction (answer FALSE more often everywhere).
         probe_max_samples: evaluate the probe loss on its first this many strings (``None``: all).
         config: SGLD settings. The other arguments are ``lp.PatterningCallback``'s.
     """
@@ -138,6 +142,7 @@ class ProbePatterning(lp.PatterningCallback):
         self,
         probe: str = "ood_probe_nested",
         shift: float = -1.0,
+        controls: Sequence[str] = (),
         config: SGLDConfig | None = None,
         strength: float = 0.5,
         rule: str = "multiplicative",
@@ -153,14 +158,18 @@ class ProbePatterning(lp.PatterningCallback):
         last_step: int | None = None,
         progress: bool = False,
     ) -> None:
-        if probe not in PROBES:
-            raise ValueError(f"probe must be one of {list(PROBES)}, got {probe!r}")
-        self.probe_attribute = probe
+        attributes = [probe, *controls]
+        for attribute in attributes:
+            if attribute not in PROBES:
+                raise ValueError(f"probe and controls must be among {list(PROBES)}, got {attribute!r}")
+        if len(set(attributes)) != len(attributes):
+            raise ValueError(f"controls must differ from probe and from each other, got {attributes}")
+        self.probe_attributes = attributes
         name = PROBES[probe]
-        placeholder = TensorDataset(torch.zeros(1))  # replaced by the datamodule's probe at setup
+        placeholder = TensorDataset(torch.zeros(1))  # replaced by the datamodule's probes at setup
         super().__init__(
             config,
-            [ProbeLoss(name, placeholder, max_samples=probe_max_samples)],
+            [ProbeLoss(PROBES[a], placeholder, max_samples=probe_max_samples) for a in attributes],
             lp.targets.Shift({name: float(shift)}),
             strength=strength,
             rule=rule,
@@ -177,7 +186,8 @@ class ProbePatterning(lp.PatterningCallback):
         )
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.observables[0].data = getattr(trainer.datamodule, self.probe_attribute)
+        for observable, attribute in zip(self.observables, self.probe_attributes, strict=True):
+            observable.data = getattr(trainer.datamodule, attribute)
         super().setup(trainer, pl_module, stage)
 
 

@@ -11,8 +11,10 @@ the arms share the init and the batch order until patterning first changes the w
 baseline included, draw from ``lp.PatterningDataModule`` with the groups at their natural mass.
 
 Arms (``configs/arms/``): ``baseline`` (no callback), ``online_nested`` / ``online_equal`` (online
-patterning on the OOD-probe loss, target −1 / +1), ``llc_route`` (fixed weights from
-Δχ = χ(λ_NESTED) − χ(λ_EQUAL); ``--make-delta-chi`` builds the file first), ``reference_heuristic``.
+patterning on the OOD-probe loss, target −1 / +1), ``online_nested_controlled`` /
+``online_equal_controlled`` (the same with the Dyck-word control probe held fixed), ``llc_route``
+(fixed weights from Δχ = χ(λ_NESTED) − χ(λ_EQUAL); ``--make-delta-chi`` builds the file first),
+``reference_heuristic``.
 
 Writes ``results/sweep_<name>.csv`` (one row per run, rewritten after each run; an existing CSV is
 resumed: runs already in it are skipped), ``.md`` (command, per-arm mean ± sd, paired differences vs
@@ -49,7 +51,15 @@ from recipes.parentheses.patterning import fisher_exact, group_masses, t_interva
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 CONFIGS = HERE / "configs"
-ARMS = ("baseline", "online_nested", "online_equal", "llc_route", "reference_heuristic")
+ARMS = (
+    "baseline",
+    "online_nested",
+    "online_equal",
+    "online_nested_controlled",
+    "online_equal_controlled",
+    "llc_route",
+    "reference_heuristic",
+)
 COLUMNS = (
     "arm",
     "seed",
