@@ -178,6 +178,8 @@ def test_loss_fn_with_wrong_shape_fails_before_training(tmp_path):
         (dict(config={"lr": 1e-3}, every_n_train_steps=5), TypeError, "config must be an lp.SGLDConfig"),
         (dict(config=CONFIG, every_n_train_steps=5, loss_fn="mse"), TypeError, "loss_fn must be callable"),
         (dict(config=CONFIG, every_n_train_steps=5, name="a/b"), ValueError, "name"),
+        (dict(config=CONFIG, every_n_train_steps=5, first_step=10), ValueError, "log-spaced schedule only"),
+        (dict(config=CONFIG, every_n_train_steps=5, last_step=50), ValueError, "log-spaced schedule only"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, error, match):

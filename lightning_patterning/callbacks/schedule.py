@@ -36,6 +36,11 @@ class Schedule:
                 raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
         if not isinstance(first_step, int) or first_step < 1:
             raise ValueError(f"first_step must be an int >= 1, got {first_step!r}")
+        if log_spaced_steps is None and (first_step != 1 or last_step is not None):
+            raise ValueError(
+                "first_step and last_step bound the log-spaced schedule only: set log_spaced_steps, or "
+                f"leave them at their defaults (got first_step={first_step!r}, last_step={last_step!r})"
+            )
         if last_step is not None and last_step < first_step:
             raise ValueError(f"last_step ({last_step}) must be >= first_step ({first_step})")
         self.every_n_train_steps = every_n_train_steps
