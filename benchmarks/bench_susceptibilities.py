@@ -492,6 +492,13 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only these jobs (names)")
     parser.add_argument("--noise-reference", action="store_true", help="also run ours k=1 with a second seed")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="an earlier --json of the same settings: its jobs are loaded instead of run again (e.g. add "
+        "--noise-reference to a finished run with --only ours_k1_seed1)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--settings", help=argparse.SUPPRESS)
     parser.add_argument("--weights", help=argparse.SUPPRESS)
@@ -512,7 +519,8 @@ def main() -> None:
     if arguments.noise_reference:
         jobs.append(Job("ours_k1_seed1", "ours", draws, seed=1))
     if arguments.only:
-        jobs = [j for j in jobs if j.name in arguments.only or j.name == "devinterp"]
+        reused = set(_load_json(arguments.reuse)["results"]) if arguments.reuse else set()
+        jobs = [j for j in jobs if j.name in arguments.only or j.name == "devinterp" or j.name in reused]
 
     folder = Path(tempfile.mkdtemp(prefix="bench_sus_"))
     try:
@@ -525,7 +533,14 @@ def main() -> None:
             f"loss {final_loss:.3f}",
             flush=True,
         )
-        taus = autocorrelation(settings, weights, steps=draws, probe_columns=32)
+        earlier = _load_json(arguments.reuse) if arguments.reuse else None
+        if earlier is not None and earlier["settings"] != settings:
+            raise ValueError(f"--reuse {arguments.reuse}: it was run with other settings")
+        taus = (
+            earlier["autocorrelation"]
+            if earlier is not None
+            else autocorrelation(settings, weights, steps=draws, probe_columns=32)
+        )
         for name, t in taus.items():
             print(
                 f"autocorrelation time ({name} chains, steps): L {t['tau_L']:.1f}, "
@@ -535,6 +550,11 @@ def main() -> None:
         results: dict[str, dict[str, Any]] = {}
         loads: dict[str, str] = {}
         for job in jobs:
+            if earlier is not None and job.name in earlier["results"]:
+                loads[job.name] = earlier["loads"][job.name]
+                results[job.name] = earlier["results"][job.name]
+                print(f"{job.name}: reused from {arguments.reuse}", flush=True)
+                continue
             loads[job.name] = _load()
             results[job.name] = spawn(job, settings, weights, folder, arguments.threads)
             r = results[job.name]
@@ -568,6 +588,16 @@ def main() -> None:
             },
         }
         arguments.json.write_text(json.dumps(payload, indent=1))
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    """An earlier ``--json`` output, with its rows and errors as float64 tensors again."""
+    payload = json.loads(path.read_text())
+    for result in payload["results"].values():
+        for key, value in result.items():
+            if key.startswith(("rows", "stderr")):
+                result[key] = torch.tensor(value, dtype=torch.float64)
+    return payload
 
 
 def machine() -> str:
