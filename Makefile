@@ -1,5 +1,7 @@
 # lightning_patterning — developer commands.
-#   make demo   main job: build .venv, train a small model with LLCCallback, write TensorBoard logs
+#   make demo   main job: build .venv, run the parentheses recipe's quick sweep (3 seeds × 4 arms, ~8 min on
+#               one core), print its table; results in runs/parentheses-quick/, TensorBoard in lightning_logs/
+#   make llc-demo  a one-minute LLCCallback demo on a teacher-student MLP
 #   make test   ruff + default pytest suite (slow tests excluded) + strict docs build
 
 PYTHON ?= python3
@@ -13,7 +15,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?=
 TORCH_INDEX_ARGS := $(if $(strip $(TORCH_INDEX)),--index-url $(TORCH_INDEX))
 
-.PHONY: venv test lint pytest docs demo clean
+.PHONY: venv test lint pytest docs demo llc-demo clean
 
 venv: $(STAMP)
 
@@ -39,6 +41,9 @@ test: venv
 	$(BIN)/mkdocs build --strict -d site
 
 demo: venv
+	$(BIN)/python -m recipes.parentheses.sweep --quick --results-dir runs/parentheses-quick
+
+llc-demo: venv
 	$(BIN)/python -m recipes.demo
 
 clean:

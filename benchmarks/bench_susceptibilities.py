@@ -451,7 +451,9 @@ def agreement(ours: dict[str, Any], reference: dict[str, Any], key: str = "rows"
     return dict(names=list(ours["names"]), corr=corr, ratio=ratio)
 
 
-def z_scores(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+def z_scores(
+    ours: dict[str, Any], reference: dict[str, Any], key: str = "rows_same_center"
+) -> dict[str, float]:
     """``z = (χ_ours − χ_devinterp) / √(se_ours² + se_devinterp²)`` over every (row, probe sequence) entry.
 
     devinterp's rows are recomputed with our L(w*) convention and their jackknife errors from its samples
@@ -460,8 +462,9 @@ def z_scores(ours: dict[str, Any], reference: dict[str, Any]) -> dict[str, float
     degrees of freedom) rather than 4.6 %, and a median ``|z|`` ≈ 0.72 rather than 0.67.
     """
     index = torch.as_tensor([reference["names"].index(n) for n in ours["names"]])
-    diff = ours["rows"] - reference["rows_same_center"][index]
-    scale = (ours["stderr"] ** 2 + reference["stderr_same_center"][index] ** 2).sqrt()
+    error_key = key.replace("rows", "stderr")
+    diff = ours["rows"] - reference[key][index]
+    scale = (ours["stderr"] ** 2 + reference[error_key][index] ** 2).sqrt()
     z = (diff / scale).flatten().abs()
     return dict(
         median_abs_z=float(z.median()),
@@ -678,10 +681,14 @@ def report_markdown(
             f"MC noise reference, ours k=1 seed 1 vs seed 0: corr {_summary(noise['corr'])}, "
             f"scale ratio {_summary(noise['ratio'])}",
         ]
-        for name in ("ours_k2", "ours_k4"):
+        for name in ("ours_k1", "ours_k2", "ours_k4"):
             if name in results:
                 a = agreement(results[name], results["ours_k1_seed1"])
-                lines.append(f"{name} vs ours k=1 seed 1: corr {_summary(a['corr'])}")
+                z = z_scores(results[name], results["ours_k1_seed1"], key="rows")
+                lines.append(
+                    f"{name} vs ours k=1 seed 1: corr {_summary(a['corr'])}, median abs z "
+                    f"{z['median_abs_z']:.3f}, frac abs z > 2 {z['frac_above_2']:.3f}"
+                )
     return "\n".join(lines)
 
 

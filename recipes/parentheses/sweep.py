@@ -24,8 +24,9 @@ arm). Prints the summary at the end.
 
 Usage:
 
-    python -m recipes.parentheses.sweep --quick
-    python -m recipes.parentheses.sweep --seeds 16 --arms baseline online_nested online_equal --name default
+    python -m recipes.parentheses.sweep --quick --results-dir runs/parentheses-quick    # make demo
+    python -m recipes.parentheses.sweep --seeds 16 --name default --arms baseline reference_heuristic \
+        llc_route online_nested online_equal online_nested_controlled online_equal_controlled
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ ARMS = (
     "llc_route",
     "reference_heuristic",
 )
+QUICK_ARMS = ("baseline", "reference_heuristic", "llc_route", "online_nested_controlled")
 COLUMNS = (
     "arm",
     "seed",
@@ -309,7 +311,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 (or --seed-list)")
     parser.add_argument("--seed-list", type=int, nargs="+")
     parser.add_argument("--name", default=None, help="results/sweep_<name>.*")
-    parser.add_argument("--quick", action="store_true", help="3 seeds × baseline/online_nested/online_equal")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"the main job: seeds 0-2 × {' / '.join(QUICK_ARMS)}"
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=RESULTS,
+        help="where sweep_<name>.csv/.md/.png go (default: %(default)s)",
+    )
     parser.add_argument("--validate", action="store_true", help="validate every val_check_interval")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--make-delta-chi", action="store_true", help="build the llc_route Δχ file first")
@@ -318,12 +328,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     if args.quick:
-        args.arms, args.seeds, args.seed_list = ["baseline", "online_nested", "online_equal"], 3, None
+        args.arms, args.seeds, args.seed_list = list(QUICK_ARMS), 3, None
     seeds = args.seed_list or list(range(args.seeds))
     name = args.name or ("quick" if args.quick else Path(args.config).stem)
     open_choice = "open_choice" in Path(args.config).stem
-    RESULTS.mkdir(exist_ok=True)
-    csv_path, md_path = RESULTS / f"sweep_{name}.csv", RESULTS / f"sweep_{name}.md"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = args.results_dir / f"sweep_{name}.csv", args.results_dir / f"sweep_{name}.md"
     command = "python -m recipes.parentheses.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
     if args.make_delta_chi or ("llc_route" in args.arms and not delta_chi_path(args.config).exists()):
         from recipes.parentheses.llc_route import make_delta_chi
@@ -346,7 +356,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
             write_csv(rows, csv_path)
             write_md(rows, md_path, command, open_choice)
     summary = write_md(rows, md_path, command, open_choice)
-    plot(rows, RESULTS / f"sweep_{name}.png")
+    plot(rows, md_path.with_suffix(".png"))
     print(summary)
     print(f"\nwrote {csv_path}, {md_path} and {md_path.with_suffix('.png')}")
     return rows
