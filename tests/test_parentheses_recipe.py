@@ -33,6 +33,7 @@ from recipes.parentheses.data import (
     random_false_steps,
 )
 from recipes.parentheses.model import ParenthesesClassifier, evaluate
+from recipes.parentheses.sweep import ARMS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "parentheses" / "configs"
 BASELINE = CONFIGS / "baseline.yaml"
@@ -264,16 +265,6 @@ def test_causal_attention_and_poolings(pooling: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 # Patterning arms, weights, statistics, Δχ file
-
-ARMS = [
-    "baseline",
-    "online_nested",
-    "online_equal",
-    "online_nested_controlled",
-    "online_equal_controlled",
-    "llc_route",
-    "reference_heuristic",
-]
 
 
 @pytest.mark.parametrize("arm", ARMS)
