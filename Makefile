@@ -1,6 +1,7 @@
 # lightning_patterning — developer commands.
-#   make demo   main job: build .venv, run the parentheses recipe's quick sweep (3 seeds × 4 arms, ~8 min on
-#               one core), print its table; results in runs/parentheses-quick/, TensorBoard in lightning_logs/
+#   make demo   main job: build .venv, run the parentheses recipe's quick sweep (3 seeds × 4 arms in
+#               2 processes, ~4 min on 2 cores), print its table; results in runs/parentheses-quick/,
+#               TensorBoard logs in lightning_logs/
 #   make llc-demo  a one-minute LLCCallback demo on a teacher-student MLP
 #   make test   ruff + default pytest suite (slow tests excluded) + strict docs build
 
@@ -41,7 +42,7 @@ test: venv
 	$(BIN)/mkdocs build --strict -d site
 
 demo: venv
-	$(BIN)/python -m recipes.parentheses.sweep --quick --results-dir runs/parentheses-quick
+	$(BIN)/python -m recipes.parentheses.sweep --quick --jobs 2 --results-dir runs/parentheses-quick
 
 llc-demo: venv
 	$(BIN)/python -m recipes.demo

@@ -356,6 +356,22 @@ def test_statistics_helpers() -> None:
     assert fisher_exact(3, 3, 3, 3) == pytest.approx(1.0)
 
 
+def test_sweep_runs_arms_in_parallel_and_writes_tables(tmp_path: Path) -> None:
+    """The main job's path: ``sweep --jobs 2`` (spawned workers), CSV/markdown/plot, resume from the CSV."""
+    pytest.importorskip("jsonargparse")
+    from recipes.parentheses.sweep import main
+
+    tiny = [f"--set={arg.removeprefix('--')}" for arg in TINY if "progress_bar" not in arg]
+    argv = ["--seed-list", "0", "--arms", "baseline", "reference_heuristic", "--jobs", "2"]
+    argv += ["--results-dir", str(tmp_path), "--name", "t", *tiny]
+    rows = main(argv)
+    assert sorted(r["arm"] for r in rows) == ["baseline", "reference_heuristic"]
+    assert {p.name for p in tmp_path.iterdir()} >= {"sweep_t.csv", "sweep_t.md", "sweep_t.png"}
+    text = (tmp_path / "sweep_t.md").read_text()
+    assert "| baseline | 0 |" in text and "| reference_heuristic | 0 |" in text  # per-seed rows
+    assert main(argv) == rows  # resumed: nothing is run again
+
+
 def test_make_delta_chi_end_to_end(tmp_path: Path) -> None:
     """The LLC route's first stage on a tiny model: two reference solutions, χ(LLC) per group, Δχ file."""
     pytest.importorskip("jsonargparse")

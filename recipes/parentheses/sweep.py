@@ -24,7 +24,7 @@ arm). Prints the summary at the end.
 
 Usage:
 
-    python -m recipes.parentheses.sweep --quick --results-dir runs/parentheses-quick    # make demo
+    python -m recipes.parentheses.sweep --quick --jobs 2 --results-dir runs/parentheses-quick    # make demo
     python -m recipes.parentheses.sweep --seeds 16 --name default --arms baseline reference_heuristic \
         llc_route online_nested online_equal online_nested_controlled online_equal_controlled
 """
@@ -42,6 +42,9 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -95,6 +98,15 @@ def favour(data: object) -> dict[str, float]:
     natural = group_masses(inner, None)
     final = group_masses(inner, weights)
     return {f"{k[0]}:{k[1]}:{k[2]}": final[k] / natural[k] for k in natural}
+
+
+def _run_job(
+    base: str, overrides: list[str], validate: bool, threads: int, job: tuple[str, int]
+) -> dict[str, object]:
+    """``train_run`` for ``job = (arm, seed)`` with ``threads`` torch threads (also in a worker process)."""
+    torch.set_num_threads(threads)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
+    return train_run(base, job[0], job[1], overrides, validate)
 
 
 def delta_chi_path(base: str) -> Path:
@@ -277,7 +289,9 @@ def plot(rows: list[dict[str, object]], path: Path) -> None:
     plt.close(fig)
 
 
-def write_md(rows: list[dict[str, object]], path: Path, command: str, open_choice: bool) -> str:
+def write_md(
+    rows: list[dict[str, object]], path: Path, command: str, open_choice: bool, jobs: int = 1
+) -> str:
     summary = summarize(rows, open_choice)
     per_seed = [
         "| arm | seed | nested score | interior | boundary | accuracy | wall s |",
@@ -291,7 +305,7 @@ def write_md(rows: list[dict[str, object]], path: Path, command: str, open_choic
     text = (
         f"# Patterning sweep `{path.stem}`\n\nCommand:\n\n    {command}\n\n"
         f"Machine: shared 2-core CPU, torch threads {torch.get_num_threads()}; wall s is per run "
-        "(one run at a time) and includes the patterning estimates.\n\n"
+        f"({jobs} run(s) at a time) and includes the patterning estimates.\n\n"
         f"{summary}\n\n![nested score per arm]({path.stem}.png)\n\n## Per seed\n\n"
         + "\n".join(per_seed)
         + "\n"
@@ -321,10 +335,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
         help="where sweep_<name>.csv/.md/.png go (default: %(default)s)",
     )
     parser.add_argument("--validate", action="store_true", help="validate every val_check_interval")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--make-delta-chi", action="store_true", help="build the llc_route Δχ file first")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="CLI override")
     args = parser.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1:
+        parser.error(f"--jobs and --threads must be >= 1, got {args.jobs} and {args.threads}")
     torch.set_num_threads(args.threads)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     if args.quick:
@@ -342,20 +359,24 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     rows = read_rows(csv_path)
     done = {(r["arm"], r["seed"]) for r in rows}
     overrides = [f"--{kv}" for kv in args.set]
-    for seed in seeds:
-        for arm in args.arms:
-            if (arm, seed) in done:
-                continue
-            row = train_run(args.config, arm, seed, overrides, args.validate)
+    todo = [(arm, seed) for seed in seeds for arm in args.arms if (arm, seed) not in done]
+    runs = (partial(_run_job, args.config, overrides, args.validate, args.threads, job) for job in todo)
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:  # one process per run, spawned (no forked torch state)
+            pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")))
+            results = (f.result() for f in as_completed([pool.submit(run) for run in runs]))
+        else:
+            results = (run() for run in runs)
+        for row in results:
             rows.append(row)
             print(
-                f"[sweep] {arm:>20} seed {seed:>2}: nested {row['nested_score']:.3f}, accuracy "
-                f"{row['accuracy']:.4f}, {row['seconds']:.1f} s",
+                f"[sweep] {row['arm']:>20} seed {row['seed']:>2}: nested {row['nested_score']:.3f}, "
+                f"accuracy {row['accuracy']:.4f}, {row['seconds']:.1f} s",
                 flush=True,
             )
             write_csv(rows, csv_path)
-            write_md(rows, md_path, command, open_choice)
-    summary = write_md(rows, md_path, command, open_choice)
+            write_md(rows, md_path, command, open_choice, args.jobs)
+    summary = write_md(rows, md_path, command, open_choice, args.jobs)
     plot(rows, md_path.with_suffix(".png"))
     print(summary)
     print(f"\nwrote {csv_path}, {md_path} and {md_path.with_suffix('.png')}")
