@@ -16,11 +16,11 @@ patterning on the OOD-probe loss, target −1 / +1), ``online_nested_controlled`
 (fixed weights from Δχ = χ(λ_NESTED) − χ(λ_EQUAL); ``--make-delta-chi`` builds the file first),
 ``reference_heuristic``.
 
-Writes ``results/sweep_<name>.csv`` (one row per run, rewritten after each run; an existing CSV is
-resumed: runs already in it are skipped), ``.md`` (command, per-arm mean ± sd, paired differences vs
-baseline with 95 % t-intervals and exact Wilcoxon signed-rank p-values, counts of seeds per algorithm with
-Fisher exact p-values, overhead, what the weights favour, per-seed table) and ``.png`` (nested score per
-arm). Prints the summary at the end.
+Writes ``<results-dir>/sweep_<name>.csv`` (default ``results/``; one row per run, rewritten after each
+run; an existing CSV is resumed: runs already in it are skipped), ``.md`` (command, per-arm mean ± sd,
+paired differences vs baseline with 95 % t-intervals and exact Wilcoxon signed-rank p-values, counts of
+seeds per algorithm with Fisher exact p-values, overhead, what the weights favour, per-seed table) and
+``.png`` (nested score per arm). Prints the summary at the end.
 
 Usage:
 
@@ -105,7 +105,6 @@ def _run_job(
 ) -> dict[str, object]:
     """``train_run`` for ``job = (arm, seed)`` with ``threads`` torch threads (also in a worker process)."""
     torch.set_num_threads(threads)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     return train_run(base, job[0], job[1], overrides, validate)
 
 
@@ -324,7 +323,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 … N−1 (or --seed-list)")
     parser.add_argument("--seed-list", type=int, nargs="+")
-    parser.add_argument("--name", default=None, help="results/sweep_<name>.*")
+    parser.add_argument("--name", default=None, help="<results-dir>/sweep_<name>.*")
     parser.add_argument(
         "--quick", action="store_true", help=f"the main job: seeds 0-2 × {' / '.join(QUICK_ARMS)}"
     )
@@ -336,7 +335,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     )
     parser.add_argument("--validate", action="store_true", help="validate every val_check_interval")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, in spawned worker processes")
     parser.add_argument("--make-delta-chi", action="store_true", help="build the llc_route Δχ file first")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="CLI override")
     args = parser.parse_args(argv)
@@ -362,7 +361,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     todo = [(arm, seed) for seed in seeds for arm in args.arms if (arm, seed) not in done]
     runs = (partial(_run_job, args.config, overrides, args.validate, args.threads, job) for job in todo)
     with contextlib.ExitStack() as stack:
-        if args.jobs > 1:  # one process per run, spawned (no forked torch state)
+        if args.jobs > 1:  # spawned workers (no forked torch state); they inherit PYTHONWARNINGS
             pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")))
             results = (f.result() for f in as_completed([pool.submit(run) for run in runs]))
         else:
