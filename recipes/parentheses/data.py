@@ -386,16 +386,20 @@ class ParenthesesData(L.LightningDataModule):
     def _generator(self, name: str) -> torch.Generator:
         return torch.Generator().manual_seed(_stable_seed(self.seed, name))
 
-    def _labelled(self, n: int, name: str) -> ParenthesesDataset:
-        generator = self._generator(name)
-        n_true = (n + 1) // 2
-        true = _by_length(
-            n_true,
+    def _dyck_words(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` uniform Dyck words, spread over the even lengths, as padded tokens."""
+        return _by_length(
+            n,
             self.even_lengths,
             generator,
             lambda count, length: random_dyck_steps(count, length, generator),
             self.max_length,
         )
+
+    def _labelled(self, n: int, name: str) -> ParenthesesDataset:
+        generator = self._generator(name)
+        n_true = (n + 1) // 2
+        true = self._dyck_words(n_true, generator)
         false = _by_length(
             n - n_true,
             self.false_lengths,
@@ -469,14 +473,7 @@ class ParenthesesData(L.LightningDataModule):
         Its loss rises when a model leans toward answering FALSE everywhere, so holding it fixed while
         lowering ``ood_probe_nested``'s loss asks for rejecting non-nested strings *specifically*.
         """
-        generator = self._generator("dyck_probe")
-        tokens = _by_length(
-            self.n_ood_probe,
-            self.even_lengths,
-            generator,
-            lambda count, length: random_dyck_steps(count, length, generator),
-            self.max_length,
-        )
+        tokens = self._dyck_words(self.n_ood_probe, self._generator("dyck_probe"))
         return ParenthesesDataset(tokens, torch.ones(tokens.shape[0], dtype=torch.long))
 
     def setup(self, stage: str | None = None) -> None:
