@@ -1,7 +1,8 @@
 """``PatterningCallback``: re-weight the training data online by inverting the linear response.
 
 At each scheduled step: estimate ``χ`` at the current weights (the susceptibility machinery), turn the
-target into ``dμ``, solve ``dh = χ†·dμ`` (SCIENCE.md §4), update the sampler's weights, and log the
+target into ``dμ``, solve ``dh = χ†·dμ`` (SCIENCE.md §4; for the multiplicative rule in log-weight
+coordinates, ``solve_log_weights``), update the sampler's weights, and log the
 prediction ``dμ_pred = nβ·χ·Δm`` (``Δm``: change of the probability mass of each column) next to the change
 of ``μ`` realized by the next estimate (the closed-loop check; it also contains ordinary training drift).
 """
@@ -23,7 +24,7 @@ from lightning_patterning.callbacks.susceptibility_callback import Susceptibilit
 from lightning_patterning.data.sampler import WeightedDistributedSampler
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.observables import Observable
-from lightning_patterning.patterning.solve import solve_intervention
+from lightning_patterning.patterning.solve import solve_intervention, solve_log_weights
 from lightning_patterning.patterning.targets import Target
 from lightning_patterning.patterning.weights import UpdateRule, WeightUpdate
 from lightning_patterning.sgld.config import SGLDConfig
@@ -180,10 +181,14 @@ class PatterningCallback(SusceptibilityCallback):
 
     def _apply(self, trainer: pl.Trainer, sampler: WeightedDistributedSampler, chi: Susceptibilities) -> dict:
         matrix, dmu = self.target.resolve(chi)
-        dh_columns = solve_intervention(matrix, dmu, rtol=self.rtol, ridge=self.ridge)
         old = sampler.weights.double()
-        dh = torch.zeros_like(old)
         columns = _column_positions(chi, sampler)
+        if self.update.rule == "multiplicative":  # dh is a change of log-weights: solve in those coordinates
+            mass = old[columns] / old.sum()
+            dh_columns = solve_log_weights(matrix, dmu, mass, rtol=self.rtol, ridge=self.ridge)
+        else:  # dh is a change of (mean-1) weights, i.e. of probability mass
+            dh_columns = solve_intervention(matrix, dmu, rtol=self.rtol, ridge=self.ridge)
+        dh = torch.zeros_like(old)
         dh[columns] = dh_columns.double()
         new, info = self.update.apply(old, dh)
         sampler.set_weights(new)

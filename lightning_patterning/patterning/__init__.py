@@ -1,5 +1,5 @@
 """Patterning: invert the linear response to choose data weights (SCIENCE.md §4)."""
 
-from lightning_patterning.patterning.solve import solve_intervention
+from lightning_patterning.patterning.solve import solve_intervention, solve_log_weights
 
-__all__ = ["solve_intervention"]
+__all__ = ["solve_intervention", "solve_log_weights"]

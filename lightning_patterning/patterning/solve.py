@@ -40,3 +40,38 @@ def solve_intervention(
     keep = s > rtol * s.max() if s.numel() and float(s.max()) > 0 else torch.zeros_like(s, dtype=torch.bool)
     inverse = torch.where(keep, s / (s**2 + ridge), torch.zeros_like(s))
     return (vh.T @ (inverse * (u.T @ target.double()))).to(chi.dtype)
+
+
+def solve_log_weights(
+    chi: torch.Tensor, target: torch.Tensor, mass: torch.Tensor, rtol: float = 1e-6, ridge: float = 0.0
+) -> torch.Tensor:
+    """The change ``δ`` of the columns' log-weights whose first-order effect is ``dμ_target`` (``[N]``).
+
+    A multiplicative update ``ρ'_g = ρ_g·exp(δ_g)`` (renormalized) changes the columns' probability masses
+    ``m`` by ``Δm = M·(δ − 1·mᵀδ)`` to first order (``M = diag(m)``), so ``dμ ∝ χ·Δm = χ̃·M·δ`` with the
+    mass-centred matrix ``χ̃ = χ − (χ·m)·1ᵀ``. Among the ``δ`` that produce ``dμ_target`` this returns the
+    one of least Fisher norm ``Σ_g m_g·δ_g²`` (the metric of the categorical distribution, i.e. the
+    smallest KL change of the sampling distribution):
+
+        δ = M^{-1/2}·(χ̃·M^{1/2})†·dμ_target = χ̃ᵀ·(χ̃·M·χ̃ᵀ)⁻¹·dμ_target
+
+    (the pseudo-inverse with ``rtol``/``ridge`` as in ``solve_intervention``; ``mᵀδ = 0``). Unlike
+    ``χ†·dμ`` read as a log-weight change, this holds a control observable (``dμ_i = 0``) fixed when the
+    columns' masses differ, e.g. groups of different sizes. Columns of zero mass get ``δ = 0``.
+
+    Args:
+        chi: susceptibility matrix [k, N] (columns: groups or samples, per unit of probability mass).
+        target: desired change of each observable [k].
+        mass: the columns' current probability masses [N] (≥ 0; normalized here).
+    """
+    if mass.shape != (chi.shape[-1],):
+        raise ValueError(f"mass must have shape [{chi.shape[-1]}] (one per column), got {list(mass.shape)}")
+    if not bool(torch.isfinite(mass).all()) or bool((mass < 0).any()) or not float(mass.sum()) > 0:
+        raise ValueError("mass must be finite, >= 0 and not all zero")
+    m = mass.double() / mass.double().sum()
+    chi64 = chi.double()
+    centred = chi64 - (chi64 @ m)[:, None]
+    root = m.sqrt()
+    scaled = solve_intervention(centred * root, target.double(), rtol=rtol, ridge=ridge)
+    delta = torch.where(root > 0, scaled / torch.where(root > 0, root, torch.ones_like(root)), 0.0)
+    return delta.to(chi.dtype)

@@ -105,28 +105,48 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
 
 
 class ChainBatches:
-    """Per-chain minibatch streams for a set of chains, seeded by ``(seed, run, chain)``.
+    """Per-chain minibatch streams for a set of chains, seeded by ``(seed, run, chain)``, or with
+    ``shared=True`` one stream seeded by ``(seed, run)`` that every chain reads.
 
     Results therefore do not depend on which process runs which chain.
     """
 
     def __init__(
-        self, source: SampleSource, batch_size: int, chain_ids: Sequence[int], seed: int, run: int
+        self,
+        source: SampleSource,
+        batch_size: int,
+        chain_ids: Sequence[int],
+        seed: int,
+        run: int,
+        shared: bool = False,
     ) -> None:
         self.source = source
         self.batch_size = batch_size
         self.chain_ids = list(chain_ids)
-        self._streams = [
-            IndexStream(source.size, private_generator(seed, run, "batches", chain))
-            for chain in self.chain_ids
-        ]
+        self.shared = shared
+        self._streams = (
+            [IndexStream(source.size, private_generator(seed, run, "batches", "shared"))]
+            if shared
+            else [
+                IndexStream(source.size, private_generator(seed, run, "batches", chain))
+                for chain in self.chain_ids
+            ]
+        )
 
     def next_indices(self) -> torch.Tensor:
-        """Indices of the next step: ``[chains, B]``."""
-        return torch.stack([stream.take(self.batch_size) for stream in self._streams])
+        """Indices of the next step: ``[chains, B]`` (with ``shared``, the same row for every chain)."""
+        rows = torch.stack([stream.take(self.batch_size) for stream in self._streams])
+        return rows.expand(len(self.chain_ids), -1) if self.shared else rows
 
     def next_stacked(self) -> Batch:
-        """The next step's minibatches of all chains as one ``[chains, B, ...]`` batch."""
+        """The next step's minibatches of all chains as one ``[chains, B, ...]`` batch; with ``shared``,
+        one fetch broadcast (without a copy) to every chain."""
+        if self.shared:
+            batch = self.source.fetch(self._streams[0].take(self.batch_size))
+            chains = len(self.chain_ids)
+            return tree_map(
+                lambda t: t.unsqueeze(0).expand(chains, *t.shape) if isinstance(t, torch.Tensor) else t, batch
+            )
         indices = self.next_indices()
         return split_leading(self.source.fetch(indices.reshape(-1)), len(self.chain_ids))
 

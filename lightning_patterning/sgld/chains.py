@@ -161,7 +161,9 @@ class ChainRunner:
         self._sampled_names = [PREFIX + name for name in param_masks]
         self._frozen = {k: v for k, v in self._center.items() if k not in set(self._sampled_names)}
         self._masks = {PREFIX + name: m for name, m in param_masks.items() if m is not None}
-        self._batches = ChainBatches(source, config.batch_size, self.chain_ids, config.seed, run)
+        self._batches = ChainBatches(
+            source, config.batch_size, self.chain_ids, config.seed, run, shared=config.shared_batches
+        )
         self.mode = "sequential" if config.chain_mode == "sequential" else "vmap"
         self._params: list[dict[str, torch.Tensor]] = []
         self._optimizers: list[SGMCMC] = []
@@ -249,8 +251,12 @@ class ChainRunner:
 
     @torch.no_grad()
     def _center_losses(self, stacked_batch: Batch) -> torch.Tensor:
-        """``[chains, B]`` per-sample losses at ``w*`` on each chain's minibatch."""
+        """``[chains, B]`` per-sample losses at ``w*`` on each chain's minibatch (one forward, broadcast,
+        when the chains share their minibatches)."""
         with self._forward_context():
+            if self.config.shared_batches:
+                losses = self._call({}, chain_slice(stacked_batch, 0))
+                return losses.unsqueeze(0).expand(self.num_chains, *losses.shape)
             if self.mode == "vmap":
                 return vmap(lambda b: self._call({}, b))(stacked_batch)
             return torch.stack(

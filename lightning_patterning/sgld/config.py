@@ -44,6 +44,12 @@ class SGLDConfig:
         weight_decay: λ_wd, a Gaussian prior centred at 0 (≥ 0, usually 0).
         paired: estimate the LLC as ``nβ·mean_t[L_{B_t}(w_t) − L_{B_t}(w*)]`` (one extra forward per
             draw, lower variance) instead of ``nβ·(mean_t L_{B_t}(w_t) − L(w*))``.
+        shared_batches: every chain sees the same minibatch at each step (one stream seeded by
+            ``(seed, run)``; devinterp 2.0.1's default ``match_sampling_input_ids_across_chains=True``).
+            The paired estimator's ``L_{B_t}(w*)`` is then one forward per draw instead of one per
+            chain; chains stay independent in their noise but share the minibatch noise, so with
+            ``paired=False`` the chain-to-chain spread understates the error. ``False``: each chain has
+            its own stream seeded by ``(seed, run, chain)``.
         init_loss_batches: minibatches averaged for ``L(w*)`` in the unpaired estimator (devinterp: 32).
         divergence_factor: a chain is *diverged* when its minibatch loss is non-finite or exceeds
             ``divergence_factor × max(L(w*), divergence_floor)`` (> 1).
@@ -68,6 +74,7 @@ class SGLDConfig:
     seed: int = 0
     weight_decay: float = 0.0
     paired: bool = True
+    shared_batches: bool = False
     init_loss_batches: int = 32
     divergence_factor: float = 100.0
     divergence_floor: float = 1e-2
@@ -90,6 +97,8 @@ class SGLDConfig:
         _check_positive("divergence_floor", self.divergence_floor)
         if not (isinstance(self.divergence_factor, (int, float)) and self.divergence_factor > 1):
             raise ValueError(f"divergence_factor must be a number > 1, got {self.divergence_factor!r}")
+        if not isinstance(self.shared_batches, bool):
+            raise TypeError(f"shared_batches must be a bool, got {type(self.shared_batches).__name__}")
         if self.method not in _METHODS:
             raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
         if self.chain_mode not in _CHAIN_MODES:
