@@ -10,7 +10,7 @@ of ``μ`` realized by the next estimate (the closed-loop check; it also contains
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -29,6 +29,9 @@ from lightning_patterning.patterning.targets import Target
 from lightning_patterning.patterning.weights import UpdateRule, WeightUpdate
 from lightning_patterning.sgld.config import SGLDConfig
 from lightning_patterning.sgld.functional import LossFn
+
+SolveCoordinates = Literal["auto", "log_weights", "mass"]
+_COORDINATES = ("auto", "log_weights", "mass")
 
 
 class PatterningCallback(SusceptibilityCallback):
@@ -53,6 +56,12 @@ class PatterningCallback(SusceptibilityCallback):
         max_change: bound on ``ρ'/ρ`` per update (``[1/(1+m), 1+m]``); ``None``: no bound.
         smoothing: η, pull toward uniform weights at each update.
         rtol: relative rank cut-off of the pseudo-inverse. ridge: Tikhonov damping of the solve.
+        coordinates: what ``dh`` changes. ``"log_weights"``: the columns' log-weights, solved with
+            ``solve_log_weights`` (the first-order effect of a multiplicative update, which weights each
+            column by its probability mass; least Fisher norm); ``"mass"``: the columns' mean-1 weights,
+            ``dh = χ†·dμ`` read as given (exact for the additive rule). ``"auto"``: ``"log_weights"`` for
+            the multiplicative rule, ``"mass"`` for the additive one. With the multiplicative rule,
+            ``"mass"`` lets a held observable drift when the columns' masses differ.
         one_off: compute the weights once (at the first scheduled step) and keep them.
         susceptibilities: path of a saved ``Susceptibilities`` (e.g. measured at reference solutions):
             the weights are computed from it once at the start of training and kept (no SGLD during training).
@@ -73,6 +82,7 @@ class PatterningCallback(SusceptibilityCallback):
         smoothing: float = 0.0,
         rtol: float = 1e-3,
         ridge: float = 0.0,
+        coordinates: SolveCoordinates = "auto",
         one_off: bool = False,
         susceptibilities: str | None = None,
         probe: Dataset | None = None,
@@ -123,6 +133,11 @@ class PatterningCallback(SusceptibilityCallback):
         self.target = target
         self.update = WeightUpdate(strength, rule, floor, max_change, smoothing)
         self.rtol, self.ridge = float(rtol), float(ridge)
+        if coordinates not in _COORDINATES:
+            raise ValueError(f"coordinates must be one of {_COORDINATES}, got {coordinates!r}")
+        if coordinates == "auto":
+            coordinates = "log_weights" if rule == "multiplicative" else "mass"
+        self.coordinates = coordinates
         self.one_off = one_off
         self.susceptibilities_path = susceptibilities
         self._frozen = False
@@ -183,7 +198,7 @@ class PatterningCallback(SusceptibilityCallback):
         matrix, dmu = self.target.resolve(chi)
         old = sampler.weights.double()
         columns = _column_positions(chi, sampler)
-        if self.update.rule == "multiplicative":  # dh is a change of log-weights: solve in those coordinates
+        if self.coordinates == "log_weights":
             mass = old[columns] / old.sum()
             dh_columns = solve_log_weights(matrix, dmu, mass, rtol=self.rtol, ridge=self.ridge)
         else:  # dh is a change of (mean-1) weights, i.e. of probability mass
