@@ -294,9 +294,10 @@ def test_arm_configs_parse(arm: str) -> None:
         controls = ["dyck_probe"] if arm.endswith("controlled") else []
         assert callback.probe_attributes == ["ood_probe_nested", *controls]
         assert [o.name for o in callback.observables] == ["ood_nested"] + (["dyck"] if controls else [])
-    elif arm == "llc_route":
+    elif arm.startswith("llc_route"):
         (callback,) = callbacks
-        assert callback.target.values == {"llc": -1.0} and callback.susceptibilities_path.endswith(".json")
+        assert callback.target.values == {"llc": 1.0 if arm.endswith("equal") else -1.0}
+        assert callback.susceptibilities_path.endswith(".json")
     else:
         assert not callbacks
 

@@ -13,7 +13,8 @@ baseline included, draw from ``lp.PatterningDataModule`` with the groups at thei
 Arms (``configs/arms/``): ``baseline`` (no callback), ``online_nested`` / ``online_equal`` (online
 patterning on the OOD-probe loss, target −1 / +1), ``online_nested_controlled`` /
 ``online_equal_controlled`` (the same with the Dyck-word control probe held fixed), ``llc_route``
-(fixed weights from Δχ = χ(λ_NESTED) − χ(λ_EQUAL); ``--make-delta-chi`` builds the file first),
+(fixed weights from Δχ = χ(λ_NESTED) − χ(λ_EQUAL), target −1; ``llc_route_equal``: +1;
+``--make-delta-chi`` builds the file first),
 ``reference_heuristic``.
 
 Writes ``<results-dir>/sweep_<name>.csv`` (default ``results/``; one row per run, rewritten after each
@@ -62,6 +63,7 @@ ARMS = (
     "online_nested_controlled",
     "online_equal_controlled",
     "llc_route",
+    "llc_route_equal",
     "reference_heuristic",
 )
 QUICK_ARMS = ("baseline", "reference_heuristic", "llc_route", "online_nested_controlled")
@@ -115,7 +117,7 @@ def delta_chi_path(base: str) -> Path:
 
 def train_run(base: str, arm: str, seed: int, overrides: list[str], validate: bool) -> dict[str, object]:
     """One (arm, seed) run through the CLI; its final metrics, wall time and group mass ratios."""
-    if arm == "llc_route":  # the arm's YAML names the baseline config's file; use the base config's own
+    if arm.startswith("llc_route"):  # the YAML names the baseline config's Δχ file; use the base config's own
         overrides = [f"--trainer.callbacks.init_args.susceptibilities={delta_chi_path(base)}", *overrides]
     log_name = "parentheses/" + (arm if Path(base).stem == "baseline" else f"{Path(base).stem}/{arm}")
     args = [
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = args.results_dir / f"sweep_{name}.csv", args.results_dir / f"sweep_{name}.md"
     command = "python -m recipes.parentheses.sweep " + shlex.join(argv if argv is not None else sys.argv[1:])
-    if args.make_delta_chi or ("llc_route" in args.arms and not delta_chi_path(args.config).exists()):
+    uses_delta_chi = any(a.startswith("llc_route") for a in args.arms)
+    if args.make_delta_chi or (uses_delta_chi and not delta_chi_path(args.config).exists()):
         from recipes.parentheses.llc_route import make_delta_chi
 
         make_delta_chi(args.config, delta_chi_path(args.config))

@@ -1,0 +1,243 @@
+"""Does the online route's controlled direction move the nested score? An offline check in two parts.
+
+1. **Estimate.** For each ``--estimate-seeds`` seed: train the baseline arm to step ``--step`` (the same
+   weights the full run has there), then estimate ``χ`` with rows ``ood_nested`` (held-out OOD strings
+   labelled FALSE) and ``dyck`` (held-out Dyck words labelled TRUE) over the ``depth_length`` groups, with
+   ``--per-group`` probe strings drawn from every group (equal precision per column). The controlled
+   NESTED direction is ``δ = solve_log_weights(χ, (−1, 0), mass)``: the change of the groups'
+   log-weights that lowers the OOD loss at fixed Dyck loss to first order (``lp.PatterningCallback``'s
+   solve). Reported: χ per group, ``δ``, its correlation across seeds and with the log-weights of the
+   reference heuristic (mass-weighted).
+2. **Causal test.** For each ``--test-seeds`` seed, train from scratch twice with fixed group weights
+   ``natural mass × exp(±α·δ̂)`` (``δ̂ = δ / max|δ|`` averaged over the estimate seeds, ``α =
+   --strength``): ``+`` is the direction predicted to raise the nested score. Reported: the paired
+   difference ``+`` − ``−`` of the nested score (95 % t-interval, exact Wilcoxon p), accuracies.
+
+Writes ``results/direction_check_<name>.json`` and ``.md``.
+
+    python -m recipes.parentheses.direction_check --estimate-seeds 0 1 --step 40 \\
+        --test-seeds 2 3 4 5 6 7 8 9 --strength 1.5 --name step40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+import lightning_patterning as lp
+from lightning_patterning.observables import ProbeLoss
+from lightning_patterning.patterning.solve import solve_log_weights
+from recipes.parentheses.cli import main as cli_main
+from recipes.parentheses.patterning import group_keys, heuristic_weights, t_interval, wilcoxon_signed_rank
+from recipes.parentheses.sweep import CONFIGS, QUIET, RESULTS, _bare_argv
+
+BASE = str(CONFIGS / "baseline.yaml")
+
+
+class _StopAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _baseline_cli(base: str, seed: int) -> Any:
+    args = [
+        "--config",
+        base,
+        "--config",
+        str(CONFIGS / "arms" / "baseline.yaml"),
+        "--seed_everything",
+        str(seed),
+    ]
+    args += ["--trainer.logger=false", *QUIET, "--trainer.limit_val_batches=0"]
+    with _bare_argv():
+        return cli_main(args, run=False, save_config_callback=None)
+
+
+def _weighted_mass(ids: torch.Tensor, groups: int, weights: torch.Tensor) -> torch.Tensor:
+    mass = torch.zeros(groups, dtype=torch.float64).index_add_(0, ids, weights.double())
+    return mass / mass.sum()
+
+
+def estimate(base: str, seed: int, step: int, per_group: int, sgld: lp.SGLDConfig) -> dict[str, Any]:
+    """χ (rows ``ood_nested``, ``dyck``; columns = groups) of the baseline run ``seed`` at ``step``."""
+    cli = _baseline_cli(base, seed)
+    cli.trainer.callbacks.append(_StopAt(step))
+    cli.trainer.fit(cli.model, cli.datamodule)
+    data = cli.datamodule.datamodule
+    train = data.train_set
+    ids, names = group_keys(train)
+    ids_t = torch.tensor(ids)
+    generator = torch.Generator().manual_seed(seed)
+    probe_indices: list[int] = []
+    for k in range(len(names)):
+        members = torch.nonzero(ids_t == k).flatten()
+        probe_indices += members[torch.randperm(len(members), generator=generator)[:per_group]].tolist()
+    observables = [
+        ProbeLoss("ood_nested", data.ood_probe_nested, max_samples=512),
+        ProbeLoss("dyck", data.dyck_probe, max_samples=512),
+    ]
+    start = time.perf_counter()
+    chi = lp.estimate_susceptibilities(
+        cli.model,
+        lambda m, b: m.per_sample_loss(b),
+        train,
+        sgld,
+        observables,
+        train,
+        probe_indices=probe_indices,
+        groups=[ids[i] for i in probe_indices],
+    )
+    columns = [int(c) for c in chi.group_names]
+    mass = _weighted_mass(ids_t, len(names), torch.ones(len(ids)))[columns]
+    heuristic = _weighted_mass(ids_t, len(names), heuristic_weights(train.strings, train.labels.tolist()))
+    delta = solve_log_weights(chi.matrix.double(), torch.tensor([-1.0, 0.0], dtype=torch.float64), mass)
+    return {
+        "seed": seed,
+        "step": step,
+        "seconds": time.perf_counter() - start,
+        "groups": [list(names[c]) for c in columns],
+        "mass": mass.tolist(),
+        "heuristic_log_ratio": (heuristic[columns] / mass).log().tolist(),
+        "rows": chi.names,
+        "chi": chi.matrix.tolist(),
+        "stderr": chi.stderr.tolist(),
+        "delta": (delta / delta.abs().max()).tolist(),
+    }
+
+
+def weighted_correlation(a: list[float], b: list[float], w: list[float]) -> float:
+    """Pearson correlation of ``a`` and ``b`` under weights ``w``."""
+    at, bt, wt = (torch.tensor(x, dtype=torch.float64) for x in (a, b, w))
+    wt = wt / wt.sum()
+    at, bt = at - (wt * at).sum(), bt - (wt * bt).sum()
+    return float((wt * at * bt).sum() / ((wt * at * at).sum() * (wt * bt * bt).sum()).sqrt())
+
+
+def causal_run(
+    base: str, seed: int, log_weights: dict[tuple[int, ...], float], sign: int, strength: float
+) -> dict:
+    """Train ``seed`` from scratch with group weights ``natural × exp(sign·strength·log_weights)``."""
+    cli = _baseline_cli(base, seed)
+    data = cli.datamodule.datamodule
+    ids, names = group_keys(data.train_set)
+    natural = torch.bincount(torch.tensor(ids)).double()
+    change = torch.tensor([log_weights.get(tuple(n), 0.0) for n in names], dtype=torch.float64)
+    cli.datamodule.set_weights(natural * torch.exp(sign * strength * change))
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, cli.datamodule)
+    cli.after_fit()
+    return {"seed": seed, "sign": sign, "seconds": time.perf_counter() - start, **cli.final_metrics}
+
+
+def summarize(result: dict[str, Any]) -> str:
+    estimates, runs = result["estimates"], result["runs"]
+    lines = [f"Command: `{result['command']}`", "", "## 1. Controlled NESTED direction at the checkpoint", ""]
+    if estimates:
+        head = "| group (label, depth or imbalance, length bucket) | mass | heuristic log-ratio | "
+        head += " | ".join(f"χ_ood / χ_dyck / δ̂ (seed {e['seed']})" for e in estimates) + " |"
+        lines += [head, "|---|---:|---:|" + "---:|" * len(estimates)]
+        first = estimates[0]
+        for i, group in enumerate(first["groups"]):
+            cells = [
+                f"{e['chi'][0][i]:+.4f} ± {e['stderr'][0][i]:.4f} / {e['chi'][1][i]:+.4f} / "
+                f"{e['delta'][i]:+.2f}"
+                for e in estimates
+            ]
+            lines.append(
+                f"| {tuple(group)} | {first['mass'][i]:.3f} | {first['heuristic_log_ratio'][i]:+.2f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+        lines.append("")
+        for e in estimates:
+            corr = weighted_correlation(e["delta"], e["heuristic_log_ratio"], e["mass"])
+            lines.append(f"- seed {e['seed']}: correlation of δ with the heuristic's log-weights {corr:+.2f}")
+        for i, a in enumerate(estimates):
+            for b in estimates[i + 1 :]:
+                corr = weighted_correlation(a["delta"], b["delta"], [1.0] * len(a["delta"]))
+                lines.append(f"- δ of seed {a['seed']} vs seed {b['seed']}: correlation {corr:+.2f}")
+        lines.append("")
+    if runs:
+        by = {(r["seed"], r["sign"]): r for r in runs}
+        seeds = sorted({r["seed"] for r in runs if (r["seed"], -r["sign"]) in by})
+        diffs = [by[s, 1]["nested_score"] - by[s, -1]["nested_score"] for s in seeds]
+        lines += [
+            f"## 2. Training from scratch with weights natural × exp(±{result['strength']}·δ̂)",
+            "",
+            "| seed | nested score (+δ̂, predicted up) | nested score (−δ̂) | + minus − | accuracy + / − |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for s, d in zip(seeds, diffs, strict=True):
+            plus, minus = by[s, 1], by[s, -1]
+            lines.append(
+                f"| {s} | {plus['nested_score']:.3f} | {minus['nested_score']:.3f} | {d:+.3f} | "
+                f"{plus['accuracy']:.4f} / {minus['accuracy']:.4f} |"
+            )
+        if len(diffs) >= 2:
+            mean, low, high = t_interval(diffs)
+            _, p = wilcoxon_signed_rank(diffs)
+            lines += [
+                "",
+                f"Paired difference (+) − (−): {mean:+.3f} [{low:+.3f}, {high:+.3f}] (95 % t), "
+                f"{sum(d > 0 for d in diffs)} / {len(diffs)} seeds up, exact Wilcoxon p = {p:.4f}; "
+                f"nested score + {statistics.mean(by[s, 1]['nested_score'] for s in seeds):.3f}, "
+                f"− {statistics.mean(by[s, -1]['nested_score'] for s in seeds):.3f}.",
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=BASE)
+    parser.add_argument("--estimate-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--step", type=int, default=40, help="checkpoint (training step) of the estimate")
+    parser.add_argument("--per-group", type=int, default=32, help="probe strings per group")
+    parser.add_argument("--chains", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=100)
+    parser.add_argument("--test-seeds", type=int, nargs="*", default=[2, 3, 4, 5, 6, 7, 8, 9])
+    parser.add_argument("--strength", type=float, default=1.5, help="α of the fixed weights")
+    parser.add_argument("--name", default="step40")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    out = RESULTS / f"direction_check_{args.name}.json"
+    command = "python -m recipes.parentheses.direction_check " + shlex.join(
+        sys.argv[1:] if argv is None else argv
+    )
+    result: dict[str, Any] = {"command": command, "strength": args.strength, "estimates": [], "runs": []}
+    sgld = lp.SGLDConfig(
+        lr=1e-4, nbeta=30.0, localization=300.0, num_chains=args.chains, num_draws=args.draws, batch_size=64
+    )
+    for seed in args.estimate_seeds:
+        result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld))
+        out.write_text(json.dumps(result))
+    mean_delta = torch.tensor([e["delta"] for e in result["estimates"]], dtype=torch.float64).mean(dim=0)
+    mean_delta = mean_delta / mean_delta.abs().max()
+    log_weights = {
+        tuple(g): float(d) for g, d in zip(result["estimates"][0]["groups"], mean_delta, strict=True)
+    }
+    result["mean_delta"] = mean_delta.tolist()
+    for seed in args.test_seeds:
+        for sign in (1, -1):
+            result["runs"].append(causal_run(args.config, seed, log_weights, sign, args.strength))
+            print(f"[direction_check] seed {seed} sign {sign:+d}: {result['runs'][-1]['nested_score']:.3f}")
+            out.write_text(json.dumps(result))
+    out.with_suffix(".md").write_text(summarize(result))
+    print(summarize(result))
+
+
+if __name__ == "__main__":
+    main()
