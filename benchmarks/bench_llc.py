@@ -71,10 +71,12 @@ from lightning_patterning.sgld.config import default_nbeta
 from lightning_patterning.sgld.functional import evaluation_mode
 from lightning_patterning.sgld.restrict import resolve_param_masks
 
-CONTESTANTS = ("ours_paired", "ours_unpaired", "devinterp")
+CONTESTANTS = ("ours_paired", "ours_unpaired", "ours_paired_shared", "devinterp")
+OURS = CONTESTANTS[:-1]
 LABELS = {
     "ours_paired": "lp.estimate_llc (paired)",
     "ours_unpaired": "lp.estimate_llc (paired=False)",
+    "ours_paired_shared": "lp.estimate_llc (paired, shared_batches=True: devinterp's sampling)",
     "devinterp": "devinterp llc()",
 }
 SEED = 0
@@ -203,6 +205,7 @@ class Case:
             paired=paired,
             init_loss_batches=32,
             chain_mode=s.get("chain_mode", "auto"),
+            shared_batches=s.get("shared_batches", False),
         )
 
 
@@ -362,7 +365,9 @@ def run_devinterp(case: Case, **overrides: Any) -> float:
 def run_contestant(case: Case, contestant: str, **overrides: Any) -> float:
     if contestant == "devinterp":
         return run_devinterp(case, **overrides)
-    return run_ours(case, paired=contestant == "ours_paired", **overrides)
+    if contestant == "ours_paired_shared":
+        overrides = {"shared_batches": True, **overrides}
+    return run_ours(case, paired=contestant != "ours_unpaired", **overrides)
 
 
 CLOCKS = ("cpu", "wall")
@@ -416,7 +421,7 @@ def bench_vs_devinterp(case: Case, repeats: int, log: Callable[[str], None]) -> 
         "ratio_devinterp_over": {
             clock: {
                 c: median([d[clock] / o[clock] for d, o in zip(times["devinterp"], times[c], strict=True)])
-                for c in ("ours_paired", "ours_unpaired")
+                for c in OURS
             }
             for clock in CLOCKS
         },
@@ -536,6 +541,7 @@ E2E = {
     "e2e_unpaired": dict(paired=False),
     "e2e_paired": dict(paired=True),
     "e2e_sequential": dict(paired=False, chain_mode="sequential"),
+    "e2e_paired_shared": dict(paired=True, shared_batches=True),
 }
 
 
@@ -747,6 +753,7 @@ def report(results: dict[str, Any]) -> str:
             ("e2e_unpaired", "SGLD step, end to end: estimate_llc(paired=False) / steps"),
             ("e2e_paired", "SGLD step, end to end: estimate_llc(paired=True) / steps"),
             ("e2e_sequential", "SGLD step, end to end: paired=False, chain_mode='sequential'"),
+            ("e2e_paired_shared", "SGLD step, end to end: paired, shared_batches=True"),
             ("engine_unpaired", "engine step (fetch, fwd, bwd, SGMCMC step, distance)"),
             ("engine_paired", "engine step + paired centre forward"),
         )

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import lightning_patterning as lp
+from lightning_patterning.callbacks.patterning_callback import SolveCoordinates
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.observables import ProbeLoss
 from lightning_patterning.sgld.config import SGLDConfig
@@ -150,6 +151,7 @@ class ProbePatterning(lp.PatterningCallback):
         max_change: float | None = None,
         rtol: float = 1e-3,
         ridge: float = 0.0,
+        coordinates: SolveCoordinates = "auto",
         probe_max_samples: int | None = None,
         probe_size: int = 512,
         loss_batches: int = 4,
@@ -178,6 +180,7 @@ class ProbePatterning(lp.PatterningCallback):
             max_change=max_change,
             rtol=rtol,
             ridge=ridge,
+            coordinates=coordinates,
             probe_size=probe_size,
             loss_batches=loss_batches,
             every_n_train_steps=every_n_train_steps,
