@@ -1,5 +1,5 @@
 """The log-weight solve against its first-order definition, checked by finite differences through the
-multiplicative weight update (SCIENCE.md §4)."""
+multiplicative weight update (SCIENCE.md §4), and the update's treatment of small groups."""
 
 from __future__ import annotations
 
@@ -63,3 +63,19 @@ def test_log_weight_solve_rejects_bad_masses() -> None:
         solve_log_weights(chi, target, mass[:5])
     with pytest.raises(ValueError, match="mass must be finite"):
         solve_log_weights(chi, target, -mass)
+
+
+def test_multiplicative_update_keeps_the_ratios_of_small_groups() -> None:
+    """Group weights are group masses, so some are far below the mean; the multiplicative rule must move
+    every group by exactly ``exp(α·ŝ)`` up to one normalization (no floor lifting the small ones)."""
+    mass = torch.tensor([1e-3, 0.2, 0.3, 0.499], dtype=torch.float64)
+    dh = torch.tensor([1.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    update = WeightUpdate(strength=0.5)
+    new, info = update.apply(mass, dh)
+    s = dh - dh.mean()
+    ratio = (new / new.mean()) / (mass / mass.mean())
+    expected = torch.exp(0.5 * s / s.abs().max())
+    torch.testing.assert_close(ratio / ratio[1], expected / expected[1])
+    assert info["floor_fraction"] == 0.0
+    additive, info = WeightUpdate(strength=0.5, rule="additive", floor=0.05).apply(mass, -dh)
+    assert info["floor_fraction"] > 0 and float(additive.min()) > 0  # the additive rule still floors

@@ -52,7 +52,7 @@ class PatterningCallback(SusceptibilityCallback):
         target: ``lp.targets.Shift``, ``Goal`` or ``PrincipalDirection``.
         strength: α, the largest log-change (multiplicative) or change (additive) of a weight per update.
         rule: ``"multiplicative"`` (exponentiated gradient) or ``"additive"`` (with a floor).
-        floor: lowest weight, as a fraction of the mean weight.
+        floor: lowest weight of the additive rule, as a fraction of the mean weight.
         max_change: bound on ``ρ'/ρ`` per update (``[1/(1+m), 1+m]``); ``None``: no bound.
         smoothing: η, pull toward uniform weights at each update.
         rtol: relative rank cut-off of the pseudo-inverse. ridge: Tikhonov damping of the solve.

@@ -29,7 +29,7 @@ class WeightUpdate:
 
     strength: float = 0.5
     rule: UpdateRule = "multiplicative"
-    floor: float = 0.05
+    floor: float = 0.05  # additive rule only
     max_change: float | None = None
     smoothing: float = 0.0
 
@@ -65,9 +65,11 @@ class WeightUpdate:
             proposed = current * ratio
         proposed = (1 - self.smoothing) * proposed + self.smoothing
         proposed = proposed / proposed.mean()
-        at_floor = proposed <= self.floor
-        proposed = torch.where(at_floor, torch.full_like(proposed, self.floor), proposed)
-        proposed = proposed / proposed.mean()
+        at_floor = torch.zeros_like(proposed, dtype=torch.bool)
+        if self.rule == "additive":  # multiplicative weights stay positive and keep their ratios
+            at_floor = proposed <= self.floor
+            proposed = torch.where(at_floor, torch.full_like(proposed, self.floor), proposed)
+            proposed = proposed / proposed.mean()
         return proposed.to(weights.dtype), {
             "ess_fraction": float(proposed.sum() ** 2 / (proposed.square().sum() * len(proposed))),
             "floor_fraction": float(at_floor.double().mean()),
