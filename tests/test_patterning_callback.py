@@ -186,3 +186,33 @@ def test_goal_is_reached_when_crossed_or_within_tolerance():
     _, dmu = goal.resolve(chi(3.0))
     assert dmu.tolist() == [-2.0] and not goal.reached(chi(3.0))
     assert goal.reached(chi(1.05)) and goal.reached(chi(0.5)) and not goal.reached(chi(1.2))
+
+
+def test_an_estimate_whose_chains_all_diverged_leaves_the_weights_alone(tmp_path):
+    """Every chain flagged as diverged (a threshold just above L(w*)) gives a non-finite χ: the callback
+    warns, keeps the weights and training runs to the end."""
+    model, data, held = _setup()
+    config = lp.SGLDConfig(
+        lr=1e-3,
+        nbeta=50.0,
+        localization=100.0,
+        num_chains=2,
+        num_draws=20,
+        batch_size=32,
+        divergence_factor=1.0001,
+        divergence_floor=1e-9,
+    )
+    callback = lp.PatterningCallback(
+        config,
+        [ProbeLoss("probe_B", held)],
+        lp.targets.Shift({"probe_B": -1.0}),
+        every_n_train_steps=10,
+        probe_size=200,
+        progress=False,
+    )
+    with pytest.warns(UserWarning, match="not finite"):
+        _trainer(tmp_path, [callback], 30).fit(model, datamodule=data)
+    assert [h["active"] for h in callback.history] == [0.0, 0.0, 0.0]
+    assert all(h["diverged_chains"] == 2.0 for h in callback.history)
+    weights = data.weights.double()
+    assert torch.allclose(weights / weights.sum(), torch.tensor(SIZES).double() / sum(SIZES), atol=1e-6)

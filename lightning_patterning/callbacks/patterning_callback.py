@@ -188,6 +188,15 @@ class PatterningCallback(SusceptibilityCallback):
             row["active"] = 0.0
             self._pending = None
             return chi, row
+        if not bool(torch.isfinite(chi.matrix).all()):  # e.g. every chain diverged: keep the weights
+            rank_zero_warn(
+                f"PatterningCallback: the estimate at step {trainer.global_step} is not finite (diverged "
+                f"chains: {chi.diverged_chains}); the weights are left unchanged. Lower SGLDConfig.lr or "
+                "raise divergence_factor if this repeats."
+            )
+            row["active"] = 0.0
+            self._pending = None
+            return chi, row
         row.update(self._apply(trainer, _weighted_sampler(trainer), chi))
         row["active"] = 1.0
         if self.one_off:
