@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     with contextlib.ExitStack() as stack:
         if args.jobs > 1:  # spawned workers (no forked torch state); they inherit PYTHONWARNINGS
             pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")))
+            # On an error, drop the queued runs instead of finishing them all before the error surfaces.
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
             results = (f.result() for f in as_completed([pool.submit(run) for run in runs]))
         else:
             results = (run() for run in runs)
