@@ -134,9 +134,8 @@ class ChainBatches:
         )
 
     def next_indices(self) -> torch.Tensor:
-        """Indices of the next step: ``[chains, B]`` (with ``shared``, the same row for every chain)."""
-        rows = torch.stack([stream.take(self.batch_size) for stream in self._streams])
-        return rows.expand(len(self.chain_ids), -1) if self.shared else rows
+        """Indices of the next step: ``[streams, B]`` (one row per chain, or one shared row)."""
+        return torch.stack([stream.take(self.batch_size) for stream in self._streams])
 
     def next_stacked(self) -> Batch:
         """The next step's minibatches of all chains as one ``[chains, B, ...]`` batch; with ``shared``,
