@@ -36,7 +36,13 @@ import lightning_patterning as lp
 from lightning_patterning.observables import ProbeLoss
 from lightning_patterning.patterning.solve import solve_log_weights
 from recipes.parentheses.cli import main as cli_main
-from recipes.parentheses.patterning import group_keys, heuristic_weights, t_interval, wilcoxon_signed_rank
+from recipes.parentheses.patterning import (
+    group_keys,
+    group_masses,
+    heuristic_weights,
+    t_interval,
+    wilcoxon_signed_rank,
+)
 from recipes.parentheses.sweep import CONFIGS, QUIET, RESULTS, _bare_argv
 
 BASE = str(CONFIGS / "baseline.yaml")
@@ -63,11 +69,6 @@ def _baseline_cli(base: str, seed: int) -> Any:
     args += ["--trainer.logger=false", *QUIET, "--trainer.limit_val_batches=0"]
     with _bare_argv():
         return cli_main(args, run=False, save_config_callback=None)
-
-
-def _weighted_mass(ids: torch.Tensor, groups: int, weights: torch.Tensor) -> torch.Tensor:
-    mass = torch.zeros(groups, dtype=torch.float64).index_add_(0, ids, weights.double())
-    return mass / mass.sum()
 
 
 def estimate(base: str, seed: int, step: int, per_group: int, sgld: lp.SGLDConfig) -> dict[str, Any]:
@@ -100,8 +101,10 @@ def estimate(base: str, seed: int, step: int, per_group: int, sgld: lp.SGLDConfi
         groups=[ids[i] for i in probe_indices],
     )
     columns = [int(c) for c in chi.group_names]
-    mass = _weighted_mass(ids_t, len(names), torch.ones(len(ids)))[columns]
-    heuristic = _weighted_mass(ids_t, len(names), heuristic_weights(train.strings, train.labels.tolist()))
+    natural = group_masses(data, None)
+    heuristic_mass = group_masses(data, heuristic_weights(train.strings, train.labels.tolist()))
+    mass = torch.tensor([natural[names[c]] for c in columns], dtype=torch.float64)
+    heuristic = torch.tensor([heuristic_mass[names[c]] for c in columns], dtype=torch.float64)
     delta = solve_log_weights(chi.matrix.double(), torch.tensor([-1.0, 0.0], dtype=torch.float64), mass)
     return {
         "seed": seed,
@@ -109,7 +112,7 @@ def estimate(base: str, seed: int, step: int, per_group: int, sgld: lp.SGLDConfi
         "seconds": time.perf_counter() - start,
         "groups": [list(names[c]) for c in columns],
         "mass": mass.tolist(),
-        "heuristic_log_ratio": (heuristic[columns] / mass).log().tolist(),
+        "heuristic_log_ratio": (heuristic / mass).log().tolist(),
         "rows": chi.names,
         "chi": chi.matrix.tolist(),
         "stderr": chi.stderr.tolist(),

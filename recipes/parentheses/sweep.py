@@ -27,7 +27,7 @@ Usage:
 
     python -m recipes.parentheses.sweep --quick --jobs 2 --results-dir runs/parentheses-quick    # make demo
     python -m recipes.parentheses.sweep --seeds 16 --name default --arms baseline reference_heuristic \
-        llc_route online_nested online_equal online_nested_controlled online_equal_controlled
+        llc_route llc_route_equal online_nested online_equal online_nested_controlled online_equal_controlled
 """
 
 from __future__ import annotations
