@@ -10,6 +10,7 @@ so that the LLC route can be run at the reference arm's budget:
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +27,7 @@ def kl_to_natural(
     masses: dict[tuple[int, int, int], float], natural: dict[tuple[int, int, int], float]
 ) -> float:
     """``KL(m ‖ natural) = Σ_g m_g·log(m_g / natural_g)`` over the groups."""
-    return sum(m * torch.log(torch.tensor(m / natural[g])).item() for g, m in masses.items() if m > 0)
+    return sum(m * math.log(m / natural[g]) for g, m in masses.items() if m > 0)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
