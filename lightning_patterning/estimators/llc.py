@@ -51,8 +51,8 @@ class LLCResult:
         diverged: ``[chains]`` True for chains dropped as diverged.
         paired: which estimator was used.
         mode: ``"vmap"`` or ``"sequential"``.
-        diagnostics: ``distance`` (mean ``‖w_t − w*‖`` over draws and chains) and devinterp's update norms
-            ``grad_norm``, ``localization_norm``, ``noise_norm`` (RMS over chains).
+        diagnostics: ``distance`` (mean ``‖w_t − w*‖`` over chains and ~10 evenly spaced draws) and
+            devinterp's update norms ``grad_norm``, ``localization_norm``, ``noise_norm`` (RMS over chains).
         config: the ``SGLDConfig`` as a dictionary.
     """
 
@@ -163,12 +163,15 @@ class _LLCRecorder:
         self.trace = torch.zeros(chains, draws, dtype=torch.float64)
         self.center = torch.zeros(chains, draws, dtype=torch.float64) if paired else None
         self.distance = torch.zeros(chains, dtype=torch.float64)
+        self.distance_samples = 0
 
     def __call__(self, record: DrawRecord) -> None:
         self.trace[:, record.draw] = record.loss.detach().cpu().double()
         if self.center is not None and record.center_loss is not None:
             self.center[:, record.draw] = record.center_loss.detach().cpu().double()
-        self.distance += record.distance.detach().cpu().double()
+        if record.distance is not None:
+            self.distance += record.distance.detach().cpu().double()
+            self.distance_samples += 1
 
 
 @torch.no_grad()
@@ -202,7 +205,7 @@ def _assemble(
     if recorder.center is not None:
         packed[rows, draws : 2 * draws] = recorder.center
     packed[rows, 2 * draws] = diverged_local.double()
-    packed[rows, 2 * draws + 1] = recorder.distance / draws
+    packed[rows, 2 * draws + 1] = recorder.distance / max(recorder.distance_samples, 1)
     names = ["grad_norm", "localization_norm", "noise_norm"]
     extras = torch.tensor(
         [diagnostics_local.get(n, 0.0) ** 2 * local_chains for n in names], dtype=torch.float64
