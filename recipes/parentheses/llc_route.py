@@ -20,6 +20,8 @@ import argparse
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from itertools import product
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import lightning_patterning as lp
+from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.observables import LLC
 from recipes.parentheses.data import collate_trimmed
 from recipes.parentheses.model import ParenthesesClassifier, evaluate
@@ -36,19 +39,20 @@ from recipes.parentheses.patterning import delta_chi, group_keys, reference_set
 SGLD = dict(lr=1e-4, nbeta=30.0, localization=300.0, num_chains=4, num_draws=100, batch_size=64)
 
 
-def make_delta_chi(
-    config: str,
-    out: Path,
-    n_extra: int = 2000,
-    probe_size: int = 2048,
-    seed: int = 0,
-    overrides: Sequence[str] = (),
-    sgld: dict[str, Any] | None = None,
-) -> dict[str, object]:
-    """Build the Δχ file ``out`` for the base ``config``; returns a summary (also written next to it).
+@dataclass
+class References:
+    """The base config's data and the two reference solutions trained from ``seed``."""
 
-    ``overrides`` are extra CLI arguments (``--data.n_train=…``); ``sgld`` replaces ``SGLD`` (the sampler).
-    """
+    data: Any
+    models: dict[str, ParenthesesClassifier]
+    metrics: dict[str, dict[str, float]]
+
+
+def train_references(
+    config: str, n_extra: int = 2000, seed: int = 0, overrides: Sequence[str] = ()
+) -> References:
+    """Train the NESTED and EQUAL-COUNT references of ``config`` (its model and schedule, seed ``seed``) on
+    the training set plus ``n_extra`` OOD-type strings labelled by each algorithm."""
     from recipes.parentheses.cli import main as cli_main
 
     cli = cli_main(
@@ -56,13 +60,7 @@ def make_delta_chi(
     )
     data = cli.datamodule
     hparams = {k: v for k, v in cli.model.hparams.items() if not k.startswith("_")}
-    steps = int(cli.trainer.max_steps)
-    ids, names = group_keys(data.train_set)
-    n = len(ids)
-    probe_indices = [round(i * (n - 1) / (probe_size - 1)) for i in range(probe_size)]
-    sgld = SGLD if sgld is None else sgld
-    config_sgld = lp.SGLDConfig(**sgld)
-    results, summary = {}, {"config": config, "n_extra": n_extra, "sgld": sgld, "seed": seed}
+    models, metrics = {}, {}
     for algorithm in ("nested", "equal"):
         start = time.perf_counter()
         L.seed_everything(seed, verbose=False)
@@ -70,7 +68,7 @@ def make_delta_chi(
         train = reference_set(data, algorithm, n_extra)
         loader = DataLoader(train, batch_size=data.batch_size, shuffle=True, collate_fn=collate_trimmed)
         trainer = L.Trainer(
-            max_steps=steps,
+            max_steps=int(cli.trainer.max_steps),
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -79,29 +77,66 @@ def make_delta_chi(
             devices=1,
         )
         trainer.fit(model, loader)
-        metrics = evaluate(model, data.val_set.tokens, data.val_set.labels, data.ood_test.tokens)
+        val = evaluate(model, data.val_set.tokens, data.val_set.labels, data.ood_test.tokens)
         train_acc = evaluate(model, data.train_set.tokens, data.train_set.labels, data.ood_test.tokens)
-        chi = lp.estimate_susceptibilities(
-            model,
-            lambda m, b: m.per_sample_loss(b),
-            data.train_set,
-            config_sgld,
-            [LLC()],
-            data.train_set,
-            probe_indices=probe_indices,
-            groups=[ids[i] for i in probe_indices],
-        )
-        results[algorithm] = chi
-        summary[algorithm] = {
-            "val_accuracy": metrics["accuracy"],
+        models[algorithm] = model
+        metrics[algorithm] = {
+            "val_accuracy": val["accuracy"],
             "train_accuracy": train_acc["accuracy"],
-            "nested_score": metrics["nested_score"],
-            "llc": float(chi.mu[0]),
-            "diverged_chains": chi.diverged_chains,
-            "seconds": time.perf_counter() - start,
+            "nested_score": val["nested_score"],
+            "train_seconds": time.perf_counter() - start,
         }
-        print(f"[llc_route] reference {algorithm}: {summary[algorithm]}", flush=True)
-    delta = delta_chi(results["nested"], results["equal"])
+        print(f"[llc_route] seed {seed} reference {algorithm}: {metrics[algorithm]}", flush=True)
+    return References(data, models, metrics)
+
+
+def make_delta_chi(
+    config: str,
+    out: Path,
+    n_extra: int = 2000,
+    probe_size: int = 2048,
+    seeds: Sequence[int] = (0,),
+    overrides: Sequence[str] = (),
+    sgld: dict[str, Any] | None = None,
+) -> dict[str, object]:
+    """Build the Δχ file ``out`` for the base ``config``; returns a summary (also written next to it).
+
+    With several ``seeds``, one pair of references is trained per seed and the file holds the mean of the
+    per-seed ``Δχ`` (stderr: the per-seed jackknife errors combined, ``√Σse²/k``), which averages over
+    the references' own seed-to-seed variation as well as over the chains.
+    ``overrides`` are extra CLI arguments (``--data.n_train=…``); ``sgld`` replaces ``SGLD`` (the sampler).
+    """
+    sgld = SGLD if sgld is None else sgld
+    config_sgld = lp.SGLDConfig(**sgld)
+    summary: dict[str, Any] = {"config": config, "n_extra": n_extra, "sgld": sgld, "seeds": list(seeds)}
+    deltas = []
+    for seed in seeds:
+        refs = train_references(config, n_extra, seed, overrides)
+        ids, names = group_keys(refs.data.train_set)
+        n = len(ids)
+        probe_indices = [round(i * (n - 1) / (probe_size - 1)) for i in range(probe_size)]
+        results = {}
+        for algorithm, model in refs.models.items():
+            start = time.perf_counter()
+            results[algorithm] = lp.estimate_susceptibilities(
+                model,
+                lambda m, b: m.per_sample_loss(b),
+                refs.data.train_set,
+                config_sgld,
+                [LLC()],
+                refs.data.train_set,
+                probe_indices=probe_indices,
+                groups=[ids[i] for i in probe_indices],
+            )
+            refs.metrics[algorithm].update(
+                llc=float(results[algorithm].mu[0]),
+                diverged_chains=results[algorithm].diverged_chains,
+                sgld_seconds=time.perf_counter() - start,
+            )
+        summary[f"seed{seed}"] = refs.metrics
+        deltas.append(delta_chi(results["nested"], results["equal"]))
+        print(f"[llc_route] seed {seed}: {refs.metrics}", flush=True)
+    delta = average_delta_chi(deltas)
     out.parent.mkdir(parents=True, exist_ok=True)
     delta.save(out)
     by_group = {}
@@ -111,8 +146,68 @@ def make_delta_chi(
         label, feature, bucket = names[int(col)]
         by_group[f"{'TRUE d' if label else 'FALSE |imb|'}={feature} len-bucket={bucket}"] = [value, err]
     summary["delta_chi_by_group"] = by_group
+    if len(deltas) > 1:
+        rows = torch.stack([d.matrix[0] for d in deltas])
+        summary["seed_to_seed_correlation"] = torch.corrcoef(rows).tolist()
     out.with_suffix(".summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def average_delta_chi(deltas: Sequence[Susceptibilities]) -> Susceptibilities:
+    """The mean of per-seed ``Δχ`` files (same columns); stderr ``√Σse²/k``."""
+    if len(deltas) == 1:
+        return deltas[0]
+    if any(d.columns != deltas[0].columns for d in deltas):
+        raise ValueError("every seed's Δχ must have the same columns (same probe and groups)")
+    k = len(deltas)
+    first = deltas[0]
+    return replace(
+        first,
+        matrix=torch.stack([d.matrix for d in deltas]).mean(0),
+        stderr=torch.stack([d.stderr**2 for d in deltas]).sum(0).sqrt() / k,
+        mu=torch.stack([d.mu for d in deltas]).mean(0),
+        center_loss=sum(d.center_loss for d in deltas) / k,
+        diverged_chains={
+            f"seed{i}/{n}": v for i, d in enumerate(deltas) for n, v in d.diverged_chains.items()
+        },
+        metadata={**first.metadata, "seeds": k, "llc_by_seed": [d.metadata for d in deltas]},
+    )
+
+
+def calibrate(
+    config: str, grid: Sequence[dict[str, float]], seed: int = 0, sgld: dict[str, Any] | None = None
+) -> dict[str, object]:
+    """LLC at both references of ``seed`` for each sampler setting in ``grid`` (overrides of ``sgld``).
+
+    The check devinterp recommends before trusting an estimate: no chain diverges, and the estimate is
+    driven by the data, not by the localization prior. On a classifier with saturated logits the
+    cross-entropy is flat, so the chains' spread ``‖w − w*‖`` (the ``distance`` diagnostic) is the prior's
+    ``≈ √(d/γ)`` at every ``nβ`` and ``λ̂`` grows in proportion to ``nβ``: that regime measures loss
+    sensitivity to Gaussian weight noise, not the LLC.
+    """
+    refs = train_references(config, seed=seed)
+    base = {**(SGLD if sgld is None else sgld)}
+    rows: list[dict[str, Any]] = []
+    for setting in grid:
+        row: dict[str, Any] = {"setting": dict(setting)}
+        for algorithm, model in refs.models.items():
+            start = time.perf_counter()
+            result = lp.estimate_llc(
+                model,
+                lambda m, b: m.per_sample_loss(b),
+                refs.data.train_set,
+                lp.SGLDConfig(**{**base, **setting}),
+            )
+            row[algorithm] = {
+                "llc": result.mean,
+                "stderr": result.stderr,
+                "diverged": int(result.diverged.sum()),
+                "distance": result.diagnostics["distance"],
+                "seconds": time.perf_counter() - start,
+            }
+        rows.append(row)
+        print(f"[llc_route] {row}", flush=True)
+    return {"config": config, "seed": seed, "sgld": base, "references": refs.metrics, "grid": rows}
 
 
 if __name__ == "__main__":
@@ -121,9 +216,35 @@ if __name__ == "__main__":
     )
     parser.add_argument("--config", default=str(Path(__file__).parent / "configs" / "baseline.yaml"))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="reference seeds (Δχ averaged)")
+    parser.add_argument("--nbeta", type=float, default=SGLD["nbeta"])
+    parser.add_argument("--num-draws", type=int, default=SGLD["num_draws"])
+    parser.add_argument("--localization", type=float, default=SGLD["localization"])
+    parser.add_argument("--lr", type=float, default=SGLD["lr"])
+    parser.add_argument(
+        "--calibrate",
+        nargs="+",
+        default=None,
+        metavar="KEY=V1,V2",
+        help="instead: LLC at both references over the product grid, e.g. nbeta=30,300 localization=1,10",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     stem = Path(args.config).stem
-    make_delta_chi(
-        args.config, Path(args.out or Path(__file__).parent / "results" / f"delta_chi_{stem}.json")
-    )
+    sampler = {
+        **SGLD,
+        "nbeta": args.nbeta,
+        "num_draws": args.num_draws,
+        "localization": args.localization,
+        "lr": args.lr,
+    }
+    if args.calibrate:
+        axes = [(k, [float(v) for v in vs.split(",")]) for k, vs in (a.split("=") for a in args.calibrate)]
+        grid = [
+            dict(zip([k for k, _ in axes], values, strict=True)) for values in product(*[v for _, v in axes])
+        ]
+        out = Path(args.out or Path(__file__).parent / "results" / f"calibrate_{stem}.json")
+        out.write_text(json.dumps(calibrate(args.config, grid, sgld=sampler), indent=1))
+    else:
+        out = Path(args.out or Path(__file__).parent / "results" / f"delta_chi_{stem}.json")
+        make_delta_chi(args.config, out, seeds=args.seeds, sgld=sampler)

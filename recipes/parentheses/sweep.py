@@ -54,6 +54,11 @@ from recipes.parentheses.cli import main as cli_main
 from recipes.parentheses.patterning import fisher_exact, group_masses, t_interval, wilcoxon_signed_rank
 
 HERE = Path(__file__).parent
+DIRECTION_PAIRS = (
+    ("online_nested", "online_equal"),
+    ("online_nested_controlled", "online_equal_controlled"),
+    ("llc_route", "llc_route_equal"),
+)
 RESULTS = HERE / "results"
 CONFIGS = HERE / "configs"
 ARMS = (
@@ -231,6 +236,24 @@ def summarize(rows: list[dict[str, object]], open_choice: bool) -> str:
             out.append(
                 f"| {a} | {len(seeds)} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {w:g} | {p:.4f} | "
                 f"{na}/{len(seeds)} vs {nb}/{len(seeds)} | {fp:.4f} |"
+            )
+    pairs = [(n, e) for n, e in DIRECTION_PAIRS if n in by and e in by]
+    if pairs:
+        out += [
+            "",
+            "The two directions of one route against each other (same seeds): arm aimed at NESTED − arm "
+            "aimed at EQUAL-COUNT; 95 % t-interval, exact Wilcoxon p.",
+            "",
+            "| toward NESTED − toward EQUAL-COUNT | pairs | mean diff [95 % CI] | Wilcoxon p |",
+            "|---|---:|---:|---:|",
+        ]
+        for n, e in pairs:
+            seeds = sorted(set(by[n]) & set(by[e]))
+            diffs = [by[n][s]["nested_score"] - by[e][s]["nested_score"] for s in seeds]
+            mean, low, high = t_interval(diffs)
+            out.append(
+                f"| {n} − {e} | {len(seeds)} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | "
+                f"{wilcoxon_signed_rank(diffs)[1]:.4f} |"
             )
     out += ["", favour_table(rows, arms)]
     return "\n".join(out)
