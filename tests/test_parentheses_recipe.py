@@ -381,15 +381,32 @@ def test_make_delta_chi_end_to_end(tmp_path: Path) -> None:
 
     sgld = dict(lr=1e-4, nbeta=30.0, localization=300.0, num_chains=2, num_draws=4, batch_size=16)
     out = tmp_path / "delta.json"
-    summary = make_delta_chi(str(BASELINE), out, n_extra=32, probe_size=64, overrides=TINY, sgld=sgld)
+    summary = make_delta_chi(
+        str(BASELINE), out, n_extra=32, probe_size=64, seeds=(0, 1), overrides=TINY, sgld=sgld
+    )
     loaded = Susceptibilities.load(out)
     assert loaded.names == ["llc"] and loaded.matrix.shape == (1, len(loaded.group_names))
-    assert torch.isfinite(loaded.matrix).all()
-    assert set(summary) >= {"nested", "equal", "delta_chi_by_group"}
+    assert torch.isfinite(loaded.matrix).all() and loaded.metadata["seeds"] == 2
+    assert set(summary) >= {"seed0", "seed1", "delta_chi_by_group", "seed_to_seed_correlation"}
+    assert set(summary["seed0"]) == {"nested", "equal"}
+
+
+def test_calibrate_reports_every_setting_for_both_references() -> None:
+    pytest.importorskip("jsonargparse")
+    from recipes.parentheses.llc_route import calibrate
+
+    sgld = dict(lr=1e-4, nbeta=30.0, localization=300.0, num_chains=2, num_draws=4, batch_size=16)
+    grid = [{"nbeta": 10.0}, {"nbeta": 100.0, "localization": 10.0}]
+    table = calibrate(str(BASELINE), grid, sgld=sgld, overrides=TINY)
+    assert [row["setting"] for row in table["grid"]] == grid
+    for row in table["grid"]:
+        for algorithm in ("nested", "equal"):
+            assert math.isfinite(row[algorithm]["llc"]) and row[algorithm]["diverged"] == 0
 
 
 def test_delta_chi_round_trips(tmp_path: Path) -> None:
     from lightning_patterning.estimators.result import Susceptibilities
+    from recipes.parentheses.llc_route import average_delta_chi
     from recipes.parentheses.patterning import delta_chi
 
     def fake(values: list[float], mu: float) -> Susceptibilities:
@@ -415,3 +432,9 @@ def test_delta_chi_round_trips(tmp_path: Path) -> None:
     assert loaded.matrix.tolist() == [[0.5, -0.5, 2.0]] and float(loaded.mu[0]) == -2.0
     assert loaded.stderr[0, 0].item() == pytest.approx(math.sqrt(0.02))
     assert loaded.metadata["llc_nested"] == 5.0
+
+    other = delta_chi(fake([3.0, 2.0, 1.0], 6.0), fake([0.5, 0.5, 0.5], 6.0))
+    mean = average_delta_chi([delta, other])  # mean of the seeds' Δχ, errors combined √Σse²/k
+    assert mean.matrix.tolist() == [[1.5, 0.5, 1.25]] and float(mean.mu[0]) == -1.0
+    assert mean.stderr[0, 0].item() == pytest.approx(math.sqrt(0.02 + 0.02) / 2)
+    assert average_delta_chi([delta]) is delta

@@ -175,7 +175,11 @@ def average_delta_chi(deltas: Sequence[Susceptibilities]) -> Susceptibilities:
 
 
 def calibrate(
-    config: str, grid: Sequence[dict[str, float]], seed: int = 0, sgld: dict[str, Any] | None = None
+    config: str,
+    grid: Sequence[dict[str, float]],
+    seed: int = 0,
+    sgld: dict[str, Any] | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, object]:
     """LLC at both references of ``seed`` for each sampler setting in ``grid`` (overrides of ``sgld``).
 
@@ -185,7 +189,7 @@ def calibrate(
     ``≈ √(d/γ)`` at every ``nβ`` and ``λ̂`` grows in proportion to ``nβ``: that regime measures loss
     sensitivity to Gaussian weight noise, not the LLC.
     """
-    refs = train_references(config, seed=seed)
+    refs = train_references(config, seed=seed, overrides=overrides)
     base = {**(SGLD if sgld is None else sgld)}
     rows: list[dict[str, Any]] = []
     for setting in grid:
