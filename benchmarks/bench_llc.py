@@ -542,6 +542,7 @@ E2E = {
     "e2e_unpaired": dict(paired=False),
     "e2e_paired": dict(paired=True),
     "e2e_sequential": dict(paired=False, chain_mode="sequential"),
+    "e2e_vmap": dict(paired=False, chain_mode="vmap"),
     "e2e_paired_shared": dict(paired=True, shared_batches=True),
 }
 
@@ -751,9 +752,10 @@ def report(results: dict[str, Any]) -> str:
         ]
         rows = (
             ("plain_cb", "1 plain SGD step at batch C·B"),
-            ("e2e_unpaired", "SGLD step, end to end: estimate_llc(paired=False) / steps"),
+            ("e2e_unpaired", "SGLD step, end to end: estimate_llc(paired=False) / steps, chain_mode='auto'"),
             ("e2e_paired", "SGLD step, end to end: estimate_llc(paired=True) / steps"),
             ("e2e_sequential", "SGLD step, end to end: paired=False, chain_mode='sequential'"),
+            ("e2e_vmap", "SGLD step, end to end: paired=False, chain_mode='vmap'"),
             ("e2e_paired_shared", "SGLD step, end to end: paired, shared_batches=True"),
             ("engine_unpaired", "engine step (fetch, fwd, bwd, SGMCMC step, distance)"),
             ("engine_paired", "engine step + paired centre forward"),

@@ -171,6 +171,28 @@ def test_auto_mode_picks_vmap_for_linear(regression: Regression, loss_fn) -> Non
     assert result.mode == "vmap"
 
 
+def test_auto_mode_runs_compute_bound_chains_sequentially_on_cpu(regression: Regression, loss_fn) -> None:
+    """``auto_sequential_flops``: a chain forward at or above it (FLOPs counted on the validation
+    minibatch) runs the sequential path, with the same streams as ``chain_mode="sequential"``."""
+    few = dict(num_burnin_steps=0, num_draws=10)
+    forward_flops = 2 * 32 * 10  # a batch of 32 through Linear(10, 1): one addmm, 2·B·d FLOPs
+    at_threshold = llc_config(auto_sequential_flops=float(forward_flops), **few)
+    above_threshold = llc_config(auto_sequential_flops=float(forward_flops + 1), **few)
+    forced = llc_config(chain_mode="sequential", **few)
+    runs = [
+        lp.estimate_llc(regression.model(), loss_fn, regression.dataset, c)
+        for c in (at_threshold, above_threshold, forced)
+    ]
+    assert [r.mode for r in runs] == ["sequential", "vmap", "sequential"]
+    assert torch.equal(runs[0].trace, runs[2].trace)
+    assert (
+        lp.estimate_llc(
+            regression.model(), loss_fn, regression.dataset, llc_config(auto_sequential_flops=None, **few)
+        ).mode
+        == "vmap"
+    )
+
+
 class _ItemCalling(nn.Module):
     """A linear model whose forward reads a Python number from an intermediate (not vmappable)."""
 

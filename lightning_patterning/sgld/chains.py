@@ -19,12 +19,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from devinterp.optim import SGMCMC
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from lightning_patterning.sgld.batches import Batch, ChainBatches, SampleSource, batch_to, chain_slice
@@ -99,6 +100,14 @@ class ChainRunSummary:
     diagnostics: dict[str, float]
 
 
+class LossCheck(NamedTuple):
+    """What ``check_loss_fn`` measured at the checkpoint: the mean minibatch loss and the FLOPs of that
+    forward (matmul, convolution, attention; ``torch.utils.flop_counter``)."""
+
+    loss: float
+    flops: int
+
+
 @torch.no_grad()
 def check_loss_fn(
     model: nn.Module,
@@ -106,19 +115,20 @@ def check_loss_fn(
     source: SampleSource,
     config: SGLDConfig,
     forward_context: ForwardContext | None = None,
-) -> float:
+) -> LossCheck:
     """Run ``loss_fn`` on one minibatch at the checkpoint (eval mode, no grad) and check its output:
-    shape ``[batch_size]``, floating point, finite mean. Returns that mean loss."""
+    shape ``[batch_size]``, floating point, finite mean. Returns that mean loss and the forward's FLOPs."""
     stream = ChainBatches(source, config.batch_size, [0], config.seed, -1)
     device = next(model.parameters()).device
     batch = batch_to(chain_slice(stream.next_stacked(), 0), device)
     center = {PREFIX + name: p.detach() for name, p in model.named_parameters()}
-    with evaluation_mode(model), (forward_context or nullcontext)():
+    counter = FlopCounterMode(display=False)
+    with evaluation_mode(model), (forward_context or nullcontext)(), counter:
         losses = functional_call(LossModule(model, loss_fn), center, (batch,))
     loss = float(check_per_sample_losses(losses, config.batch_size).float().mean())
     if not math.isfinite(loss):
         raise ValueError(f"loss_fn returned a non-finite loss ({loss}) at the checkpoint itself")
-    return loss
+    return LossCheck(loss, counter.get_total_flops())
 
 
 class ChainRunner:
@@ -314,22 +324,26 @@ class ChainRunner:
     def run(self, on_draw: Callable[[DrawRecord], None] | None = None) -> ChainRunSummary:
         """Run all chains to the end, calling ``on_draw`` at every draw; return the summary."""
         with evaluation_mode(self.model):
-            reference_loss = self._validate()
+            check = check_loss_fn(
+                self.model, self._wrapper._fn, self._batches.source, self.config, self._forward_context
+            )
             if self.num_chains == 0:  # e.g. a DDP rank beyond the number of chains
                 empty = torch.zeros(0, dtype=torch.bool)
-                return ChainRunSummary([], self.mode, empty, empty.long(), reference_loss, {})
-            if self.config.chain_mode == "auto":
+                return ChainRunSummary([], self.mode, empty, empty.long(), check.loss, {})
+            if self.config.chain_mode != "auto":
+                self._build(self.mode)
+            elif self._compute_bound_on_cpu(check.flops):
+                self._build("sequential")
+            else:
                 self._build("vmap")
                 if not self._vmap_works():
                     self._build("sequential")
-            else:
-                self._build(self.mode)
-            return self._run(on_draw, reference_loss)
+            return self._run(on_draw, check.loss)
 
-    def _validate(self) -> float:
-        return check_loss_fn(
-            self.model, self._wrapper._fn, self._batches.source, self.config, self._forward_context
-        )
+    def _compute_bound_on_cpu(self, flops: int) -> bool:
+        """``"auto"``'s size rule: on CPU, chain forwards of ≥ ``auto_sequential_flops`` run sequentially."""
+        threshold = self.config.auto_sequential_flops
+        return self._device.type == "cpu" and threshold is not None and flops >= threshold
 
     def _vmap_works(self) -> bool:
         """Try one vmapped forward/backward on a 2-sample minibatch (a stream of its own, so the chains'

@@ -57,7 +57,17 @@ class SGLDConfig:
             checkpoint with near-zero loss does not flag every healthy chain.
         chain_mode: ``"vmap"`` stacks all chains into one forward/backward
             (``torch.func.functional_call`` + ``vmap``); ``"sequential"`` runs them one after
-            another; ``"auto"`` tries ``vmap`` and falls back when the module cannot be vmapped.
+            another; ``"auto"`` runs them sequentially on CPU when one chain's forward is large (see
+            ``auto_sequential_flops``), and otherwise tries ``vmap`` and falls back when the module
+            cannot be vmapped.
+        auto_sequential_flops: in ``"auto"`` mode on CPU, run the chains sequentially when one chain's
+            forward on a minibatch takes at least this many FLOPs (matmul, convolution and attention
+            FLOPs counted by ``torch.utils.flop_counter`` on the validation minibatch). Such a step is
+            compute bound: stacking the chains gains nothing (one step at batch C·B costs what C steps
+            at B do) and vmap's batched kernels cost ~5–10 % more (docs/benchmarks.md). ``None``: always
+            try vmap. The default, 1.5e9, lies between the measured crossover's two sides on a 2-core
+            EPYC (a 0.5M-parameter LM at ~1 GFLOP ran faster with vmap, a 1M one at 2.1 GFLOP faster
+            sequentially).
         rmsprop_alpha: RMSprop moving-average coefficient (``rmsprop_sgld`` only).
         rmsprop_eps: RMSprop stability constant (``rmsprop_sgld`` only).
     """
@@ -79,6 +89,7 @@ class SGLDConfig:
     divergence_factor: float = 100.0
     divergence_floor: float = 1e-2
     chain_mode: ChainMode = "auto"
+    auto_sequential_flops: float | None = 1.5e9
     rmsprop_alpha: float = 0.99
     rmsprop_eps: float = 0.1
 
@@ -103,6 +114,8 @@ class SGLDConfig:
             raise ValueError(f"method must be one of {_METHODS}, got {self.method!r}")
         if self.chain_mode not in _CHAIN_MODES:
             raise ValueError(f"chain_mode must be one of {_CHAIN_MODES}, got {self.chain_mode!r}")
+        if self.auto_sequential_flops is not None:
+            _check_positive("auto_sequential_flops", self.auto_sequential_flops, hint=" or None")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if self.nbeta is None and self.batch_size < 2:
