@@ -115,20 +115,22 @@ def check_loss_fn(
     source: SampleSource,
     config: SGLDConfig,
     forward_context: ForwardContext | None = None,
+    count_flops: bool = False,
 ) -> LossCheck:
     """Run ``loss_fn`` on one minibatch at the checkpoint (eval mode, no grad) and check its output:
-    shape ``[batch_size]``, floating point, finite mean. Returns that mean loss and the forward's FLOPs."""
+    shape ``[batch_size]``, floating point, finite mean. Returns that mean loss and, with
+    ``count_flops``, the forward's FLOPs (else 0)."""
     stream = ChainBatches(source, config.batch_size, [0], config.seed, -1)
     device = next(model.parameters()).device
     batch = batch_to(chain_slice(stream.next_stacked(), 0), device)
     center = {PREFIX + name: p.detach() for name, p in model.named_parameters()}
-    counter = FlopCounterMode(display=False)
-    with evaluation_mode(model), (forward_context or nullcontext)(), counter:
+    counter = FlopCounterMode(display=False) if count_flops else None
+    with evaluation_mode(model), (forward_context or nullcontext)(), counter or nullcontext():
         losses = functional_call(LossModule(model, loss_fn), center, (batch,))
     loss = float(check_per_sample_losses(losses, config.batch_size).float().mean())
     if not math.isfinite(loss):
         raise ValueError(f"loss_fn returned a non-finite loss ({loss}) at the checkpoint itself")
-    return LossCheck(loss, counter.get_total_flops())
+    return LossCheck(loss, counter.get_total_flops() if counter is not None else 0)
 
 
 class ChainRunner:
@@ -324,26 +326,30 @@ class ChainRunner:
     def run(self, on_draw: Callable[[DrawRecord], None] | None = None) -> ChainRunSummary:
         """Run all chains to the end, calling ``on_draw`` at every draw; return the summary."""
         with evaluation_mode(self.model):
+            cfg = self.config
+            # "auto"'s size rule (CPU only): compute-bound chain forwards run sequentially.
+            threshold = cfg.auto_sequential_flops if cfg.chain_mode == "auto" else None
+            threshold = threshold if self._device.type == "cpu" else None
             check = check_loss_fn(
-                self.model, self._wrapper._fn, self._batches.source, self.config, self._forward_context
+                self.model,
+                self._wrapper._fn,
+                self._batches.source,
+                cfg,
+                self._forward_context,
+                count_flops=threshold is not None,
             )
             if self.num_chains == 0:  # e.g. a DDP rank beyond the number of chains
                 empty = torch.zeros(0, dtype=torch.bool)
                 return ChainRunSummary([], self.mode, empty, empty.long(), check.loss, {})
-            if self.config.chain_mode != "auto":
+            if cfg.chain_mode != "auto":
                 self._build(self.mode)
-            elif self._compute_bound_on_cpu(check.flops):
+            elif threshold is not None and check.flops >= threshold:
                 self._build("sequential")
             else:
                 self._build("vmap")
                 if not self._vmap_works():
                     self._build("sequential")
             return self._run(on_draw, check.loss)
-
-    def _compute_bound_on_cpu(self, flops: int) -> bool:
-        """``"auto"``'s size rule: on CPU, chain forwards of ≥ ``auto_sequential_flops`` run sequentially."""
-        threshold = self.config.auto_sequential_flops
-        return self._device.type == "cpu" and threshold is not None and flops >= threshold
 
     def _vmap_works(self) -> bool:
         """Try one vmapped forward/backward on a 2-sample minibatch (a stream of its own, so the chains'

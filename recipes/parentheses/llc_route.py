@@ -1,17 +1,23 @@
 """The paper's route for the ``llc_route`` arm: reference solutions → LLC susceptibilities → Δχ file.
 
-1. Two reference solutions, trained (seed 0, the base config's model and schedule) on the training set
-   plus ``n_extra`` OOD-type strings (disjoint from the OOD test set) labelled FALSE (NESTED) or TRUE
-   (EQUAL-COUNT). Both still fit the original training set.
+1. Two reference solutions, trained (``--seeds``, default 0; the base config's model and schedule) on the
+   training set plus ``n_extra`` OOD-type strings (disjoint from the OOD test set) labelled FALSE (NESTED)
+   or TRUE (EQUAL-COUNT). Both still fit the original training set.
 2. At each, ``lp.estimate_susceptibilities(observables=[LLC()])`` on the original training data, columns =
    the ``depth_length`` groups (``probe_size`` evenly spaced training strings, aggregated per group).
-3. ``Δχ = χ(λ_NESTED) − χ(λ_EQUAL)`` saved as a one-row ``Susceptibilities`` (row ``llc``).
+3. ``Δχ = χ(λ_NESTED) − χ(λ_EQUAL)`` (averaged over the seeds) saved as a one-row ``Susceptibilities``
+   (row ``llc``).
+
+``--calibrate KEY=V1,V2 …`` instead estimates the LLC at both references over a grid of sampler settings
+(the check that the sampler is in a data-driven regime).
 
 ``configs/arms/llc_route.yaml`` trains from scratch with ``PatterningCallback(susceptibilities=path,
 target=Shift({"llc": -1.0}))``: ``dh ∝ −Δχ`` (χ = (1/nβ)·∂⟨φ⟩/∂h), i.e. up-weight the groups that lower
 the LLC at NESTED relative to EQUAL-COUNT (lower LLC → lower free energy → NESTED preferred).
 
     python -m recipes.parentheses.llc_route --config recipes/parentheses/configs/baseline.yaml
+    python -m recipes.parentheses.llc_route --config recipes/parentheses/configs/open_choice.yaml \
+        --calibrate localization=300 nbeta=30,100,300,1000,3000
 """
 
 from __future__ import annotations
