@@ -5,6 +5,7 @@ invariance, vmap, ``lp.estimate_llc``), and the LightningCLI on the baseline YAM
 from __future__ import annotations
 
 import collections
+import json
 import math
 from pathlib import Path
 
@@ -438,3 +439,29 @@ def test_delta_chi_round_trips(tmp_path: Path) -> None:
     assert mean.matrix.tolist() == [[1.5, 0.5, 1.25]] and float(mean.mu[0]) == -1.0
     assert mean.stderr[0, 0].item() == pytest.approx(math.sqrt(0.02 + 0.02) / 2)
     assert average_delta_chi([delta]) is delta
+
+
+def test_direction_check_combine_pools_runs_of_the_same_direction(tmp_path: Path, monkeypatch) -> None:
+    from recipes.parentheses import direction_check
+
+    monkeypatch.setattr(direction_check, "RESULTS", tmp_path)
+
+    def part(name: str, seeds: list[int], delta: list[float]) -> None:
+        runs = [
+            {"seed": s, "sign": sign, "nested_score": 0.5 + 0.1 * sign * (s % 2), "accuracy": 1.0}
+            for s in seeds
+            for sign in (1, -1)
+        ]
+        result = {"command": "x", "strength": 1.5, "estimates": [], "runs": runs, "mean_delta": delta}
+        (tmp_path / f"direction_check_{name}.json").write_text(json.dumps(result))
+
+    part("a", [1, 2], [1.0, -0.5])
+    part("b", [3, 4], [1.0, -0.5])
+    part("other", [5], [0.5, -1.0])
+    direction_check.main(["--combine", "a", "b", "--name", "ab"])
+    pooled = json.loads((tmp_path / "direction_check_ab.json").read_text())
+    assert sorted({r["seed"] for r in pooled["runs"]}) == [1, 2, 3, 4]
+    assert "--combine a b" in pooled["command"]
+    assert "2 / 4 seeds up" in (tmp_path / "direction_check_ab.md").read_text()
+    with pytest.raises(SystemExit):
+        direction_check.main(["--combine", "a", "other", "--name", "bad"])

@@ -13,7 +13,8 @@
    --strength``): ``+`` is the direction predicted to raise the nested score. Reported: the paired
    difference ``+`` − ``−`` of the nested score (95 % t-interval, exact Wilcoxon p), accuracies.
 
-Writes ``results/direction_check_<name>.json`` and ``.md``.
+Writes ``results/direction_check_<name>.json`` and ``.md``. ``--combine A B --name C`` pools the test
+runs of earlier checks ``A`` and ``B`` that estimated the same direction (e.g. run as two processes).
 
     python -m recipes.parentheses.direction_check --estimate-seeds 0 1 --step 40 \\
         --test-seeds 2 3 4 5 6 7 8 9 --strength 1.5 --name step40
@@ -214,12 +215,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-seeds", type=int, nargs="*", default=[2, 3, 4, 5, 6, 7, 8, 9])
     parser.add_argument("--strength", type=float, default=1.5, help="α of the fixed weights")
     parser.add_argument("--name", default="step40")
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="NAME",
+        help="instead: pool the test runs of earlier checks that share the estimated direction into --name",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = RESULTS / f"direction_check_{args.name}.json"
     command = "python -m recipes.parentheses.direction_check " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
+    if args.combine:
+        parts = [json.loads((RESULTS / f"direction_check_{n}.json").read_text()) for n in args.combine]
+        key = (parts[0]["mean_delta"], parts[0]["strength"])
+        if any((p["mean_delta"], p["strength"]) != key for p in parts):
+            parser.error("--combine: the checks must share the estimated direction and the strength")
+        pooled = {**parts[0], "command": command, "runs": [r for p in parts for r in p["runs"]]}
+        out.write_text(json.dumps(pooled))
+        out.with_suffix(".md").write_text(summarize(pooled))
+        print(summarize(pooled))
+        return
     result: dict[str, Any] = {"command": command, "strength": args.strength, "estimates": [], "runs": []}
     sgld = lp.SGLDConfig(
         lr=1e-4, nbeta=30.0, localization=300.0, num_chains=args.chains, num_draws=args.draws, batch_size=64
