@@ -23,11 +23,13 @@ runs of earlier checks ``A`` and ``B`` that estimated the same direction (e.g. r
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -145,6 +147,15 @@ def causal_run(
     return {"seed": seed, "sign": sign, "seconds": time.perf_counter() - start, **cli.final_metrics}
 
 
+def baseline_scores(csv_path: Path | None) -> dict[str, dict[str, float]]:
+    """``{"baseline": {seed: nested score}}`` from a sweep CSV's baseline rows (empty without a path)."""
+    if csv_path is None:
+        return {}
+    with csv_path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r["arm"] == "baseline"]
+    return {"baseline": {r["seed"]: float(r["nested_score"]) for r in rows}}
+
+
 def summarize(result: dict[str, Any]) -> str:
     estimates, runs = result["estimates"], result["runs"]
     lines = [f"Command: `{result['command']}`", "", "## 1. Controlled NESTED direction at the checkpoint", ""]
@@ -199,6 +210,21 @@ def summarize(result: dict[str, Any]) -> str:
                 f"nested score + {statistics.mean(by[s, 1]['nested_score'] for s in seeds):.3f}, "
                 f"− {statistics.mean(by[s, -1]['nested_score'] for s in seeds):.3f}.",
             ]
+        baseline = {int(k): v for k, v in result.get("baseline", {}).items()}
+        paired = [s for s in seeds if s in baseline]
+        if len(paired) >= 2:
+            lines += [
+                "",
+                f"Each direction against the baseline run of its seed ({len(paired)} seeds):",
+                "",
+            ]
+            for sign, name in ((1, "+δ̂"), (-1, "−δ̂")):
+                d = [by[s, sign]["nested_score"] - baseline[s] for s in paired]
+                mean, low, high = t_interval(d)
+                lines.append(
+                    f"- {name} − baseline: {mean:+.3f} [{low:+.3f}, {high:+.3f}], {sum(x > 0 for x in d)} / "
+                    f"{len(d)} seeds up, exact Wilcoxon p = {wilcoxon_signed_rank(d)[1]:.4f}"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test-seeds", type=int, nargs="*", default=[2, 3, 4, 5, 6, 7, 8, 9])
     parser.add_argument("--strength", type=float, default=1.5, help="α of the fixed weights")
     parser.add_argument("--name", default="step40")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="a sweep CSV whose baseline rows (same seeds) the two directions are also compared with",
+    )
     parser.add_argument(
         "--combine",
         nargs="+",
@@ -233,11 +265,13 @@ def main(argv: list[str] | None = None) -> None:
         if any((p["mean_delta"], p["strength"]) != key for p in parts):
             parser.error("--combine: the checks must share the estimated direction and the strength")
         pooled = {**parts[0], "command": command, "runs": [r for p in parts for r in p["runs"]]}
+        pooled.update(baseline_scores(args.baseline))
         out.write_text(json.dumps(pooled))
         out.with_suffix(".md").write_text(summarize(pooled))
         print(summarize(pooled))
         return
     result: dict[str, Any] = {"command": command, "strength": args.strength, "estimates": [], "runs": []}
+    result.update(baseline_scores(args.baseline))
     sgld = lp.SGLDConfig(
         lr=1e-4, nbeta=30.0, localization=300.0, num_chains=args.chains, num_draws=args.draws, batch_size=64
     )
