@@ -191,9 +191,9 @@ def calibrate(
 
     The check devinterp recommends before trusting an estimate: no chain diverges, and the estimate is
     driven by the data, not by the localization prior. On a classifier with saturated logits the
-    cross-entropy is flat, so the chains' spread ``‖w − w*‖`` (the ``distance`` diagnostic) is the prior's
-    ``≈ √(d/γ)`` at every ``nβ`` and ``λ̂`` grows in proportion to ``nβ``: that regime measures loss
-    sensitivity to Gaussian weight noise, not the LLC.
+    cross-entropy is flat, so the chains' spread ``‖w − w*‖`` (the ``distance`` diagnostic) is set by the
+    noise and the prior alone (the same at every ``nβ``) and ``λ̂`` grows with ``nβ`` instead of settling:
+    that regime measures loss sensitivity to Gaussian weight noise, not the LLC.
     """
     refs = train_references(config, seed=seed, overrides=overrides)
     base = {**(SGLD if sgld is None else sgld)}

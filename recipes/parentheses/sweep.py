@@ -208,16 +208,17 @@ def summarize(rows: list[dict[str, object]], open_choice: bool) -> str:
             f"{t:.1f} | {t / base_time:.2f}× |"
         )
     if "baseline" in by:
+        nested_above = 0.9 if open_choice else 0.5  # a seed counts as NESTED above this score
         out += [
             "",
             "Paired differences vs baseline (same seeds): nested score of the arm − baseline's; 95 % "
             "t-interval; two-sided exact Wilcoxon signed-rank p (exact enumeration, zeros dropped); "
-            "Fisher exact p on (#NESTED vs not) between arm and baseline, NESTED = score > "
-            + ("0.9 (open-choice config: pure NESTED)" if open_choice else "0.5")
+            f"Fisher exact p on (#NESTED vs not) between arm and baseline, NESTED = score > {nested_above}"
+            + (" (open-choice config: pure NESTED)" if open_choice else "")
             + ".",
             "",
             "| arm vs baseline | pairs | mean diff [95 % CI] | Wilcoxon W+ | Wilcoxon p | "
-            f"NESTED>{0.9 if open_choice else 0.5} arm/base | Fisher p |",
+            f"NESTED>{nested_above} arm/base | Fisher p |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for a in arms:
@@ -229,9 +230,8 @@ def summarize(rows: list[dict[str, object]], open_choice: bool) -> str:
             diffs = [by[a][s]["nested_score"] - by["baseline"][s]["nested_score"] for s in seeds]
             mean, low, high = t_interval(diffs)
             w, p = wilcoxon_signed_rank(diffs)
-            key = (lambda x: x > 0.9) if open_choice else (lambda x: x > 0.5)
-            na = sum(key(by[a][s]["nested_score"]) for s in seeds)
-            nb = sum(key(by["baseline"][s]["nested_score"]) for s in seeds)
+            na = sum(by[a][s]["nested_score"] > nested_above for s in seeds)
+            nb = sum(by["baseline"][s]["nested_score"] > nested_above for s in seeds)
             fp = fisher_exact(na, len(seeds) - na, nb, len(seeds) - nb)
             out.append(
                 f"| {a} | {len(seeds)} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {w:g} | {p:.4f} | "
