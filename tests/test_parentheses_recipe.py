@@ -169,6 +169,27 @@ def test_per_sample_loss_and_padding_invariance() -> None:
         model.per_sample_loss([torch.randn(2, 3), labels[:2]])
 
 
+def test_label_smoothing_loss_has_its_minimum_at_a_finite_logit_gap() -> None:
+    """ε-smoothed cross entropy: target (1 − ε/2, ε/2), so the loss is the target's cross entropy and is
+    minimal where softmax = target, at a logit gap log((2 − ε)/ε) (plain CE keeps falling as it grows)."""
+    data, eps = small_data(), 0.1
+    smoothed = ParenthesesClassifier(
+        d_model=16, n_layers=1, n_heads=2, d_mlp=16, max_length=12, label_smoothing=eps
+    )
+    tokens, labels, _ = data.train_set[:8]
+    logits = smoothed(tokens)
+    target = torch.full_like(logits, eps / 2).scatter_(1, labels[:, None], 1 - eps / 2)
+    expected = -(target * logits.log_softmax(-1)).sum(-1)
+    torch.testing.assert_close(smoothed.per_sample_loss([tokens, labels]), expected)
+    gaps = torch.linspace(0.0, 8.0, 801)
+    loss = -(
+        (1 - eps / 2) * torch.nn.functional.logsigmoid(gaps) + eps / 2 * torch.nn.functional.logsigmoid(-gaps)
+    )
+    assert float(gaps[loss.argmin()]) == pytest.approx(math.log((2 - eps) / eps), abs=0.01)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ParenthesesClassifier(label_smoothing=1.0)
+
+
 def test_forward_under_vmap_over_stacked_parameters() -> None:
     model, data = tiny_model(), small_data()
     copies = [tiny_model(seed) for seed in range(3)]
@@ -465,3 +486,35 @@ def test_direction_check_combine_pools_runs_of_the_same_direction(tmp_path: Path
     assert "2 / 4 seeds up" in (tmp_path / "direction_check_ab.md").read_text()
     with pytest.raises(SystemExit):
         direction_check.main(["--combine", "a", "other", "--name", "bad"])
+
+
+def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -> None:
+    import lightning as L
+
+    from recipes.parentheses.data import collate_trimmed as collate
+    from recipes.parentheses.trajectory import TrajectoryRecorder, probe_loss, summarize
+
+    data, model = small_data(), tiny_model()
+    with torch.no_grad():
+        start_ood = model.per_sample_loss([data.ood_probe_nested.tokens, data.ood_probe_nested.labels])
+    recorder = TrajectoryRecorder(data, (0, 2, 3))
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[recorder],
+    )
+    loader = torch.utils.data.DataLoader(data.train_set, batch_size=32, collate_fn=collate)
+    trainer.fit(model, loader)
+    assert [row["step"] for row in recorder.rows] == [0, 2, 3]
+    assert recorder.rows[0]["ood_loss"] == pytest.approx(start_ood.mean().item(), rel=1e-5)
+    assert recorder.rows[-1]["dyck_loss"] == pytest.approx(probe_loss(model, data.dyck_probe))
+    assert model.training and all(0.0 <= row["nested_score"] <= 1.0 for row in recorder.rows)
+    rows = {
+        sign: [{**row, "ood_loss": row["ood_loss"] - sign} for row in recorder.rows] for sign in (1, -1, 0)
+    }
+    runs = [{"seed": s, "sign": sign, "rows": rows[sign]} for s in (0, 1) for sign in (1, -1, 0)]
+    table = summarize({"check": "c", "strength": 1.0, "command": "x", "runs": runs})
+    assert "| 3 | ood_loss |" in table and "-2.0000 [" in table

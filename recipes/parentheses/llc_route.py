@@ -114,7 +114,13 @@ def make_delta_chi(
     """
     sgld = SGLD if sgld is None else sgld
     config_sgld = lp.SGLDConfig(**sgld)
-    summary: dict[str, Any] = {"config": config, "n_extra": n_extra, "sgld": sgld, "seeds": list(seeds)}
+    summary: dict[str, Any] = {
+        "config": config,
+        "n_extra": n_extra,
+        "sgld": sgld,
+        "seeds": list(seeds),
+        "overrides": list(overrides),
+    }
     deltas = []
     for seed in seeds:
         refs = train_references(config, n_extra, seed, overrides)
@@ -217,7 +223,19 @@ def calibrate(
             }
         rows.append(row)
         print(f"[llc_route] {row}", flush=True)
-    return {"config": config, "seed": seed, "sgld": base, "references": refs.metrics, "grid": rows}
+    return {
+        "config": config,
+        "seed": seed,
+        "sgld": base,
+        "overrides": list(overrides),
+        "references": refs.metrics,
+        "grid": rows,
+    }
+
+
+def _number(text: str) -> int | float:
+    """A grid value: ``int`` when it is written as one (``num_draws=400``), else ``float``."""
+    return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
 if __name__ == "__main__":
@@ -238,7 +256,15 @@ if __name__ == "__main__":
         metavar="KEY=V1,V2",
         help="instead: LLC at both references over the product grid, e.g. nbeta=30,300 localization=1,10",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="CLI override of the references' config, e.g. model.label_smoothing=0.1",
+    )
     args = parser.parse_args()
+    overrides = [f"--{kv}" for kv in args.set]
     torch.set_num_threads(1)
     stem = Path(args.config).stem
     sampler = {
@@ -249,12 +275,12 @@ if __name__ == "__main__":
         "lr": args.lr,
     }
     if args.calibrate:
-        axes = [(k, [float(v) for v in vs.split(",")]) for k, vs in (a.split("=") for a in args.calibrate)]
+        axes = [(k, [_number(v) for v in vs.split(",")]) for k, vs in (a.split("=") for a in args.calibrate)]
         grid = [
             dict(zip([k for k, _ in axes], values, strict=True)) for values in product(*[v for _, v in axes])
         ]
         out = Path(args.out or Path(__file__).parent / "results" / f"calibrate_{stem}.json")
-        out.write_text(json.dumps(calibrate(args.config, grid, sgld=sampler), indent=1))
+        out.write_text(json.dumps(calibrate(args.config, grid, sgld=sampler, overrides=overrides), indent=1))
     else:
         out = Path(args.out or Path(__file__).parent / "results" / f"delta_chi_{stem}.json")
-        make_delta_chi(args.config, out, seeds=args.seeds, sgld=sampler)
+        make_delta_chi(args.config, out, seeds=args.seeds, overrides=overrides, sgld=sampler)

@@ -194,6 +194,10 @@ class ParenthesesClassifier(L.LightningModule):
         warmup_steps: steps of linear learning-rate warm-up from 0.
         cosine: after warm-up, decay the learning rate to 0 along a half cosine over the remaining
             ``trainer.estimated_stepping_batches`` (otherwise keep it constant).
+        label_smoothing: ε of the training loss (``F.cross_entropy``'s label smoothing): the target puts
+            ``1 − ε/2`` on the label. With ε > 0 the loss has a minimum at finite logits (gap
+            ``log((2 − ε)/ε)``), so a trained model sits at a genuine minimum instead of on a flat,
+            saturated slope; the LLC route uses it for its reference solutions.
     """
 
     def __init__(
@@ -209,8 +213,11 @@ class ParenthesesClassifier(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
         cosine: bool = False,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
         self.model = ParenthesesTransformer(d_model, n_layers, n_heads, d_mlp, max_length, pooling, causal)
         self.val_accuracy = BinaryAccuracy()
@@ -223,9 +230,11 @@ class ParenthesesClassifier(L.LightningModule):
         return self.model(tokens)
 
     def per_sample_loss(self, batch: Batch) -> torch.Tensor:
-        """Cross entropy of each string, ``[B]``."""
+        """Cross entropy of each string (label-smoothed by ``label_smoothing``), ``[B]``."""
         tokens, labels = split_batch(batch)
-        return F.cross_entropy(self.model(tokens), labels, reduction="none")
+        return F.cross_entropy(
+            self.model(tokens), labels, reduction="none", label_smoothing=self.hparams.label_smoothing
+        )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.per_sample_loss(batch).mean()

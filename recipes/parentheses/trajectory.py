@@ -1,0 +1,158 @@
+"""Where does a fixed re-weighting take training? The probe losses and the nested score along the run.
+
+``direction_check`` found that the controlled direction ``δ̂`` estimated at step 10 moves the nested score
+of a full run the opposite way to the linear response's prediction. This check follows runs of a
+``direction_check`` result's ``±δ̂`` weights and of the baseline (natural weights), seed by seed, and
+records at ``--steps``:
+
+* ``ood_loss``: mean loss of the held-out OOD strings labelled FALSE (the observable the solve lowers
+  along ``+δ̂``: lower = more NESTED);
+* ``dyck_loss``: mean loss of the held-out Dyck words labelled TRUE (the control, held fixed by the solve);
+* ``nested_score`` and ``accuracy`` (``evaluate``, OOD test and validation sets).
+
+The susceptibility predicts the *first-order* response of the posterior at the checkpoint; this shows
+whether the training run's OOD loss follows that prediction early on and when it turns. Writes
+``results/trajectory_<name>.json`` and ``.md`` (means over seeds, and the paired ``+`` − ``−`` per step).
+
+    python -m recipes.parentheses.trajectory --check step10_16seeds --seeds 2 3 4 5 6 7 8 9 --name step10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from recipes.parentheses.direction_check import BASE, _baseline_cli
+from recipes.parentheses.model import ParenthesesClassifier, evaluate
+from recipes.parentheses.patterning import group_keys, t_interval
+from recipes.parentheses.sweep import RESULTS
+
+STEPS = (0, 5, 10, 20, 40, 80, 150, 300, 500, 700)
+ROUTES = {1: "+δ̂", -1: "−δ̂", 0: "baseline"}
+
+
+def probe_loss(model: ParenthesesClassifier, dataset: Any) -> float:
+    """Mean ``per_sample_loss`` of ``dataset`` (no grad, eval mode)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        loss = model.per_sample_loss([dataset.tokens, dataset.labels]).mean().item()
+    model.train(was_training)
+    return loss
+
+
+class TrajectoryRecorder(L.Callback):
+    """Records the probe losses, nested score and accuracy when ``global_step`` reaches each of ``steps``."""
+
+    def __init__(self, data: Any, steps: tuple[int, ...]) -> None:
+        self.data, self.steps, self.rows = data, set(steps), []
+
+    def _record(self, model: ParenthesesClassifier, step: int) -> None:
+        scores = evaluate(
+            model, self.data.val_set.tokens, self.data.val_set.labels, self.data.ood_test.tokens
+        )
+        self.rows.append(
+            {
+                "step": step,
+                "ood_loss": probe_loss(model, self.data.ood_probe_nested),
+                "dyck_loss": probe_loss(model, self.data.dyck_probe),
+                "nested_score": scores["nested_score"],
+                "accuracy": scores["accuracy"],
+            }
+        )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if 0 in self.steps:
+            self._record(pl_module, 0)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step in self.steps:
+            self._record(pl_module, trainer.global_step)
+
+
+def trajectory_run(
+    base: str, seed: int, log_weights: dict[tuple[int, ...], float], sign: int, strength: float
+) -> list[dict[str, float]]:
+    """Train ``seed`` from scratch with group weights ``natural × exp(sign·strength·log_weights)``
+    (``sign`` 0: natural) and return the recorder's rows."""
+    cli = _baseline_cli(base, seed)
+    data = cli.datamodule.datamodule
+    ids, names = group_keys(data.train_set)
+    natural = torch.bincount(torch.tensor(ids)).double()
+    change = torch.tensor([log_weights.get(tuple(n), 0.0) for n in names], dtype=torch.float64)
+    cli.datamodule.set_weights(natural * torch.exp(sign * strength * change))
+    recorder = TrajectoryRecorder(data, STEPS)
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return recorder.rows
+
+
+def summarize(result: dict[str, Any]) -> str:
+    """Markdown: per step, the mean over seeds of each route, and the paired ``+`` − ``−`` differences."""
+    runs = result["runs"]
+    seeds = sorted({r["seed"] for r in runs})
+    by = {(r["seed"], r["sign"]): {row["step"]: row for row in r["rows"]} for r in runs}
+    lines = [
+        f"# Trajectory of the `{result['check']}` direction (strength {result['strength']})",
+        "",
+        f"`{result['command']}`",
+        "",
+        f"{len(seeds)} seeds. Means over seeds; `+ − −` is the paired difference (95 % t-interval).",
+        "",
+        "| step | quantity | +δ̂ | −δ̂ | baseline | + − − [95 % CI] |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for step in [row["step"] for row in runs[0]["rows"]]:
+        for quantity in ("ood_loss", "dyck_loss", "nested_score", "accuracy"):
+            means = [statistics.fmean(by[(s, sign)][step][quantity] for s in seeds) for sign in (1, -1, 0)]
+            diffs = [by[(s, 1)][step][quantity] - by[(s, -1)][step][quantity] for s in seeds]
+            mean, low, high = t_interval(diffs)
+            lines.append(
+                f"| {step} | {quantity} | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.4f} | "
+                f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default=BASE)
+    parser.add_argument("--check", required=True, help="a direction_check result name (its δ̂, strength)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8, 9])
+    parser.add_argument("--name", required=True)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    check = json.loads((RESULTS / f"direction_check_{args.check}.json").read_text())
+    log_weights = {
+        tuple(g): float(d) for g, d in zip(check["estimates"][0]["groups"], check["mean_delta"], strict=True)
+    }
+    command = "python -m recipes.parentheses.trajectory " + shlex.join(sys.argv[1:] if argv is None else argv)
+    result: dict[str, Any] = {
+        "command": command,
+        "check": args.check,
+        "strength": check["strength"],
+        "runs": [],
+    }
+    out = RESULTS / f"trajectory_{args.name}.json"
+    for seed in args.seeds:
+        for sign in ROUTES:
+            rows = trajectory_run(args.config, seed, log_weights, sign, check["strength"])
+            result["runs"].append({"seed": seed, "sign": sign, "rows": rows})
+            print(f"[trajectory] seed {seed} {ROUTES[sign]}: nested score {rows[-1]['nested_score']:.3f}")
+            out.write_text(json.dumps(result))
+    Path(out.with_suffix(".md")).write_text(summarize(result))
+    print(summarize(result))
+
+
+if __name__ == "__main__":
+    main()
