@@ -518,3 +518,25 @@ def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -
     runs = [{"seed": s, "sign": sign, "rows": rows[sign]} for s in (0, 1) for sign in (1, -1, 0)]
     table = summarize({"check": "c", "strength": 1.0, "command": "x", "runs": runs})
     assert "| 3 | ood_loss |" in table and "-2.0000 [" in table
+
+
+def test_trajectory_combine_pools_runs_of_the_same_check(tmp_path: Path, monkeypatch) -> None:
+    from recipes.parentheses import trajectory
+
+    monkeypatch.setattr(trajectory, "RESULTS", tmp_path)
+    row = {"step": 0, "ood_loss": 0.5, "dyck_loss": 0.5, "nested_score": 0.5, "accuracy": 1.0}
+
+    def part(name: str, seeds: list[int], check: str) -> None:
+        runs = [{"seed": s, "sign": sign, "rows": [row]} for s in seeds for sign in (1, -1, 0)]
+        result = {"command": "x", "check": check, "strength": 1.5, "runs": runs}
+        (tmp_path / f"trajectory_{name}.json").write_text(json.dumps(result))
+
+    part("a", [1, 2], "c")
+    part("b", [3], "c")
+    part("other", [4], "d")
+    trajectory.main(["--combine", "a", "b", "--name", "ab"])
+    pooled = json.loads((tmp_path / "trajectory_ab.json").read_text())
+    assert sorted({r["seed"] for r in pooled["runs"]}) == [1, 2, 3]
+    assert "3 seeds" in (tmp_path / "trajectory_ab.md").read_text()
+    with pytest.raises(SystemExit):
+        trajectory.main(["--combine", "a", "other", "--name", "bad"])

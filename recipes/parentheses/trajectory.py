@@ -24,7 +24,6 @@ import json
 import shlex
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -127,30 +126,44 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=BASE)
-    parser.add_argument("--check", required=True, help="a direction_check result name (its δ̂, strength)")
+    parser.add_argument("--check", help="a direction_check result name (its δ̂, strength)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8, 9])
     parser.add_argument("--name", required=True)
+    parser.add_argument(
+        "--combine", nargs="+", metavar="NAME", help="instead: pool earlier trajectories of one check"
+    )
     args = parser.parse_args(argv)
+    command = "python -m recipes.parentheses.trajectory " + shlex.join(sys.argv[1:] if argv is None else argv)
+    out = RESULTS / f"trajectory_{args.name}.json"
+    if args.combine:
+        parts = [json.loads((RESULTS / f"trajectory_{n}.json").read_text()) for n in args.combine]
+        if len({(p["check"], p["strength"]) for p in parts}) != 1:
+            parser.error("--combine: the trajectories must follow the same check")
+        pooled = {**parts[0], "command": command, "runs": [r for p in parts for r in p["runs"]]}
+        out.write_text(json.dumps(pooled))
+        out.with_suffix(".md").write_text(summarize(pooled))
+        print(summarize(pooled))
+        return
+    if args.check is None:
+        parser.error("--check is required (unless --combine)")
     torch.set_num_threads(1)
     check = json.loads((RESULTS / f"direction_check_{args.check}.json").read_text())
     log_weights = {
         tuple(g): float(d) for g, d in zip(check["estimates"][0]["groups"], check["mean_delta"], strict=True)
     }
-    command = "python -m recipes.parentheses.trajectory " + shlex.join(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {
         "command": command,
         "check": args.check,
         "strength": check["strength"],
         "runs": [],
     }
-    out = RESULTS / f"trajectory_{args.name}.json"
     for seed in args.seeds:
         for sign in ROUTES:
             rows = trajectory_run(args.config, seed, log_weights, sign, check["strength"])
             result["runs"].append({"seed": seed, "sign": sign, "rows": rows})
             print(f"[trajectory] seed {seed} {ROUTES[sign]}: nested score {rows[-1]['nested_score']:.3f}")
             out.write_text(json.dumps(result))
-    Path(out.with_suffix(".md")).write_text(summarize(result))
+    out.with_suffix(".md").write_text(summarize(result))
     print(summarize(result))
 
 
