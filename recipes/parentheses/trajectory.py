@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -94,11 +95,22 @@ def trajectory_run(
     return recorder.rows
 
 
+def _correlation(a: list[float], b: list[float]) -> float:
+    """Pearson correlation; NaN when either side is constant."""
+    try:
+        return statistics.correlation(a, b)
+    except statistics.StatisticsError:
+        return math.nan
+
+
 def summarize(result: dict[str, Any]) -> str:
-    """Markdown: per step, the mean over seeds of each route, and the paired ``+`` − ``−`` differences."""
+    """Markdown: per step, the mean over seeds of each route, the paired ``+`` − ``−`` differences, and
+    how well each step's nested score foretells the final one (Pearson correlation across seeds and
+    routes: when the algorithm is decided)."""
     runs = result["runs"]
     seeds = sorted({r["seed"] for r in runs})
     by = {(r["seed"], r["sign"]): {row["step"]: row for row in r["rows"]} for r in runs}
+    steps = [row["step"] for row in runs[0]["rows"]]
     lines = [
         f"# Trajectory of the `{result['check']}` direction (strength {result['strength']})",
         "",
@@ -109,7 +121,7 @@ def summarize(result: dict[str, Any]) -> str:
         "| step | quantity | +δ̂ | −δ̂ | baseline | + − − [95 % CI] |",
         "|---:|---|---:|---:|---:|---:|",
     ]
-    for step in [row["step"] for row in runs[0]["rows"]]:
+    for step in steps:
         for quantity in ("ood_loss", "dyck_loss", "nested_score", "accuracy"):
             means = [statistics.fmean(by[(s, sign)][step][quantity] for s in seeds) for sign in (1, -1, 0)]
             diffs = [by[(s, 1)][step][quantity] - by[(s, -1)][step][quantity] for s in seeds]
@@ -118,6 +130,11 @@ def summarize(result: dict[str, Any]) -> str:
                 f"| {step} | {quantity} | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.4f} | "
                 f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] |"
             )
+    final = [by[key][steps[-1]]["nested_score"] for key in sorted(by)]
+    lines += ["", "| step | corr(nested score at step, final nested score) |", "|---:|---:|"]
+    for step in steps[1:-1]:
+        at_step = [by[key][step]["nested_score"] for key in sorted(by)]
+        lines.append(f"| {step} | {_correlation(at_step, final):+.3f} |")
     return "\n".join(lines) + "\n"
 
 
