@@ -540,3 +540,39 @@ def test_trajectory_combine_pools_runs_of_the_same_check(tmp_path: Path, monkeyp
     assert "3 seeds" in (tmp_path / "trajectory_ab.md").read_text()
     with pytest.raises(SystemExit):
         trajectory.main(["--combine", "a", "other", "--name", "bad"])
+
+
+def test_branch_runs_are_the_baseline_run_until_the_branch_step(tmp_path: Path, monkeypatch) -> None:
+    """``causal_run(from_step=k)``: natural weights up to step k, the new weights after it (applied from the
+    sampler's next chunk of 256 indices: 8 batches of 32 here)."""
+    yaml = pytest.importorskip("yaml")
+    from recipes.parentheses import direction_check
+    from recipes.parentheses.patterning import group_keys
+
+    config = yaml.safe_load(BASELINE.read_text())
+    config["trainer"].update(max_steps=12, logger=False, enable_progress_bar=False)
+    config["model"].update(d_model=16, d_mlp=16, n_heads=2, n_layers=1, max_length=12)
+    config["data"].update(n_train=256, n_val=64, n_ood_test=64, n_ood_probe=16, batch_size=32, max_length=12)
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump(config))
+    clis = []
+    original = direction_check._baseline_cli
+    monkeypatch.setattr(direction_check, "_baseline_cli", lambda *a: clis.append(original(*a)) or clis[-1])
+    ids, names = group_keys(small_data(n_train=256, max_length=12).train_set)
+    change = {tuple(n): (1.0 if n[0] == 1 else -1.0) for n in names}
+
+    def run(**kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        direction_check.causal_run(str(base), 0, change, **kwargs)  # type: ignore[arg-type]
+        cli = clis[-1]
+        return cli.datamodule.weights, torch.cat([p.detach().flatten() for p in cli.model.parameters()])
+
+    natural = torch.bincount(torch.tensor(ids)).double()
+    expected = natural * torch.exp(torch.tensor([change[tuple(n)] for n in names], dtype=torch.float64))
+    baseline_weights, baseline_params = run(sign=1, strength=0.0)
+    torch.testing.assert_close(baseline_weights / baseline_weights.sum(), natural / natural.sum())
+    weights, params = run(sign=1, strength=1.0, from_step=12)  # switched after the last step
+    torch.testing.assert_close(weights / weights.sum(), expected / expected.sum())
+    assert torch.equal(params, baseline_params)
+    weights, params = run(sign=1, strength=1.0, from_step=2)
+    torch.testing.assert_close(weights / weights.sum(), expected / expected.sum())
+    assert not torch.equal(params, baseline_params)

@@ -131,16 +131,37 @@ def weighted_correlation(a: list[float], b: list[float], w: list[float]) -> floa
     return float((wt * at * bt).sum() / ((wt * at * at).sum() * (wt * bt * bt).sum()).sqrt())
 
 
+class _SetWeightsAt(L.Callback):
+    """Sets the data module's weights when ``global_step`` reaches ``step`` (a one-shot online update)."""
+
+    def __init__(self, step: int, weights: torch.Tensor) -> None:
+        self.step, self.weights = step, weights
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.datamodule.set_weights(self.weights)
+
+
 def causal_run(
-    base: str, seed: int, log_weights: dict[tuple[int, ...], float], sign: int, strength: float
+    base: str,
+    seed: int,
+    log_weights: dict[tuple[int, ...], float],
+    sign: int,
+    strength: float,
+    from_step: int = 0,
 ) -> dict:
-    """Train ``seed`` from scratch with group weights ``natural × exp(sign·strength·log_weights)``."""
+    """Train ``seed`` with group weights ``natural × exp(sign·strength·log_weights)``: from scratch, or
+    (``from_step`` > 0) natural weights up to ``from_step`` and the new ones after it."""
     cli = _baseline_cli(base, seed)
     data = cli.datamodule.datamodule
     ids, names = group_keys(data.train_set)
     natural = torch.bincount(torch.tensor(ids)).double()
     change = torch.tensor([log_weights.get(tuple(n), 0.0) for n in names], dtype=torch.float64)
-    cli.datamodule.set_weights(natural * torch.exp(sign * strength * change))
+    weights = natural * torch.exp(sign * strength * change)
+    if from_step > 0:
+        cli.trainer.callbacks.append(_SetWeightsAt(from_step, weights))
+    else:
+        cli.datamodule.set_weights(weights)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
     cli.after_fit()
@@ -160,15 +181,16 @@ def summarize(result: dict[str, Any]) -> str:
     estimates, runs = result["estimates"], result["runs"]
     lines = [f"Command: `{result['command']}`", "", "## 1. Controlled NESTED direction at the checkpoint", ""]
     if estimates:
+        shown = estimates[:2]
         head = "| group (label, depth or imbalance, length bucket) | mass | heuristic log-ratio | "
-        head += " | ".join(f"χ_ood / χ_dyck / δ̂ (seed {e['seed']})" for e in estimates) + " |"
-        lines += [head, "|---|---:|---:|" + "---:|" * len(estimates)]
+        head += " | ".join(f"χ_ood / χ_dyck / δ̂ (seed {e['seed']})" for e in shown) + " |"
+        lines += [head, "|---|---:|---:|" + "---:|" * len(shown)]
         first = estimates[0]
         for i, group in enumerate(first["groups"]):
             cells = [
                 f"{e['chi'][0][i]:+.4f} ± {e['stderr'][0][i]:.4f} / {e['chi'][1][i]:+.4f} / "
                 f"{e['delta'][i]:+.2f}"
-                for e in estimates
+                for e in shown
             ]
             lines.append(
                 f"| {tuple(group)} | {first['mass'][i]:.3f} | {first['heuristic_log_ratio'][i]:+.2f} | "
@@ -176,20 +198,40 @@ def summarize(result: dict[str, Any]) -> str:
                 + " |"
             )
         lines.append("")
-        for e in estimates:
-            corr = weighted_correlation(e["delta"], e["heuristic_log_ratio"], e["mass"])
-            lines.append(f"- seed {e['seed']}: correlation of δ with the heuristic's log-weights {corr:+.2f}")
-        for i, a in enumerate(estimates):
-            for b in estimates[i + 1 :]:
-                corr = weighted_correlation(a["delta"], b["delta"], [1.0] * len(a["delta"]))
-                lines.append(f"- δ of seed {a['seed']} vs seed {b['seed']}: correlation {corr:+.2f}")
+        heuristic = [weighted_correlation(e["delta"], e["heuristic_log_ratio"], e["mass"]) for e in estimates]
+        between = {
+            (a["seed"], b["seed"]): weighted_correlation(a["delta"], b["delta"], [1.0] * len(a["delta"]))
+            for i, a in enumerate(estimates)
+            for b in estimates[i + 1 :]
+        }
+        if len(estimates) <= 2:
+            for e, corr in zip(estimates, heuristic, strict=True):
+                lines.append(
+                    f"- seed {e['seed']}: correlation of δ with the heuristic's log-weights {corr:+.2f}"
+                )
+            for (a, b), corr in between.items():
+                lines.append(f"- δ of seed {a} vs seed {b}: correlation {corr:+.2f}")
+        else:
+            lines += [
+                f"- δ vs the heuristic's log-weights: mean correlation {statistics.mean(heuristic):+.2f} "
+                f"(range {min(heuristic):+.2f} to {max(heuristic):+.2f}, {len(heuristic)} seeds)",
+                f"- δ between seeds: mean pairwise correlation {statistics.mean(between.values()):+.2f} "
+                f"(range {min(between.values()):+.2f} to {max(between.values()):+.2f})",
+            ]
         lines.append("")
     if runs:
         by = {(r["seed"], r["sign"]): r for r in runs}
         seeds = sorted({r["seed"] for r in runs if (r["seed"], -r["sign"]) in by})
         diffs = [by[s, 1]["nested_score"] - by[s, -1]["nested_score"] for s in seeds]
+        branch = result.get("branch_step")
+        title = (
+            f"## 2. Branching at step {branch}: weights natural × exp(±{result['strength']}·δ̂) from then on, "
+            "δ̂ estimated on the same seed at that step"
+            if branch
+            else f"## 2. Training from scratch with weights natural × exp(±{result['strength']}·δ̂)"
+        )
         lines += [
-            f"## 2. Training from scratch with weights natural × exp(±{result['strength']}·δ̂)",
+            title,
             "",
             "| seed | nested score (+δ̂, predicted up) | nested score (−δ̂) | + minus − | accuracy + / − |",
             "|---:|---:|---:|---:|---:|",
@@ -242,6 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strength", type=float, default=1.5, help="α of the fixed weights")
     parser.add_argument("--name", default="step40")
     parser.add_argument(
+        "--branch",
+        action="store_true",
+        help="instead of estimate seeds: each test seed estimates its own δ at --step, and its ± runs are "
+        "its baseline run up to --step, re-weighted from then on (a one-shot online update)",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         default=None,
@@ -275,6 +323,22 @@ def main(argv: list[str] | None = None) -> None:
     sgld = lp.SGLDConfig(
         lr=1e-4, nbeta=30.0, localization=300.0, num_chains=args.chains, num_draws=args.draws, batch_size=64
     )
+    if args.branch:
+        result["branch_step"] = args.step
+        for seed in args.test_seeds:
+            result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld))
+            own = result["estimates"][-1]
+            log_weights = {tuple(g): float(d) for g, d in zip(own["groups"], own["delta"], strict=True)}
+            for sign in (1, -1):
+                run = causal_run(args.config, seed, log_weights, sign, args.strength, from_step=args.step)
+                result["runs"].append(run)
+                print(
+                    f"[direction_check] seed {seed} branch {sign:+d}: {run['nested_score']:.3f}", flush=True
+                )
+            out.write_text(json.dumps(result))
+        out.with_suffix(".md").write_text(summarize(result))
+        print(summarize(result))
+        return
     for seed in args.estimate_seeds:
         result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld))
         out.write_text(json.dumps(result))
