@@ -486,6 +486,19 @@ def test_direction_check_combine_pools_runs_of_the_same_direction(tmp_path: Path
     assert "2 / 4 seeds up" in (tmp_path / "direction_check_ab.md").read_text()
     with pytest.raises(SystemExit):
         direction_check.main(["--combine", "a", "other", "--name", "bad"])
+    for name, seeds, step in (("br1", [1], 150), ("br2", [2], 150), ("br3", [3], 300)):
+        runs = [
+            {"seed": s, "sign": sign, "nested_score": 0.5, "accuracy": 1.0} for s in seeds for sign in (1, -1)
+        ]
+        estimates = [{"seed": s} for s in seeds]
+        result = {"command": "x", "strength": 1.5, "estimates": estimates, "runs": runs, "branch_step": step}
+        (tmp_path / f"direction_check_{name}.json").write_text(json.dumps(result))
+    monkeypatch.setattr(direction_check, "summarize", lambda result: "")
+    direction_check.main(["--combine", "br1", "br2", "--name", "br"])
+    pooled = json.loads((tmp_path / "direction_check_br.json").read_text())
+    assert [e["seed"] for e in pooled["estimates"]] == [1, 2] and pooled["branch_step"] == 150
+    with pytest.raises(SystemExit):
+        direction_check.main(["--combine", "br1", "br3", "--name", "bad"])
 
 
 def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -> None:

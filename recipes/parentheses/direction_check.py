@@ -309,10 +309,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.combine:
         parts = [json.loads((RESULTS / f"direction_check_{n}.json").read_text()) for n in args.combine]
-        key = (parts[0]["mean_delta"], parts[0]["strength"])
-        if any((p["mean_delta"], p["strength"]) != key for p in parts):
-            parser.error("--combine: the checks must share the estimated direction and the strength")
-        pooled = {**parts[0], "command": command, "runs": [r for p in parts for r in p["runs"]]}
+        keys = {json.dumps([p.get("mean_delta"), p["strength"], p.get("branch_step")]) for p in parts}
+        if len(keys) != 1:
+            parser.error("--combine: the checks must share the direction (or branch step) and the strength")
+        pooled = {
+            **parts[0],
+            "command": command,
+            "runs": [r for p in parts for r in p["runs"]],
+            "estimates": [e for p in parts for e in p["estimates"]]
+            if "branch_step" in parts[0]
+            else parts[0]["estimates"],
+        }
         pooled.update(baseline_scores(args.baseline))
         out.write_text(json.dumps(pooled))
         out.with_suffix(".md").write_text(summarize(pooled))
