@@ -142,16 +142,16 @@ class _SetWeightsAt(L.Callback):
             trainer.datamodule.set_weights(self.weights)
 
 
-def causal_run(
+def weighted_cli(
     base: str,
     seed: int,
     log_weights: dict[tuple[int, ...], float],
     sign: int,
     strength: float,
     from_step: int = 0,
-) -> dict:
-    """Train ``seed`` with group weights ``natural × exp(sign·strength·log_weights)``: from scratch, or
-    (``from_step`` > 0) natural weights up to ``from_step`` and the new ones after it."""
+) -> Any:
+    """The baseline arm's CLI for ``seed`` with group weights ``natural × exp(sign·strength·log_weights)``:
+    from the start, or (``from_step`` > 0) natural weights up to ``from_step`` and the new ones after it."""
     cli = _baseline_cli(base, seed)
     data = cli.datamodule.datamodule
     ids, names = group_keys(data.train_set)
@@ -162,6 +162,19 @@ def causal_run(
         cli.trainer.callbacks.append(_SetWeightsAt(from_step, weights))
     else:
         cli.datamodule.set_weights(weights)
+    return cli
+
+
+def causal_run(
+    base: str,
+    seed: int,
+    log_weights: dict[tuple[int, ...], float],
+    sign: int,
+    strength: float,
+    from_step: int = 0,
+) -> dict:
+    """Train ``weighted_cli(...)`` and return its final metrics."""
+    cli = weighted_cli(base, seed, log_weights, sign, strength, from_step)
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
     cli.after_fit()

@@ -30,9 +30,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from recipes.parentheses.direction_check import BASE, _baseline_cli
+from recipes.parentheses.direction_check import BASE, weighted_cli
 from recipes.parentheses.model import ParenthesesClassifier, evaluate
-from recipes.parentheses.patterning import group_keys, t_interval
+from recipes.parentheses.patterning import t_interval
 from recipes.parentheses.sweep import RESULTS
 
 STEPS = (0, 5, 10, 20, 40, 80, 150, 300, 500, 700)
@@ -83,13 +83,8 @@ def trajectory_run(
 ) -> list[dict[str, float]]:
     """Train ``seed`` from scratch with group weights ``natural × exp(sign·strength·log_weights)``
     (``sign`` 0: natural) and return the recorder's rows."""
-    cli = _baseline_cli(base, seed)
-    data = cli.datamodule.datamodule
-    ids, names = group_keys(data.train_set)
-    natural = torch.bincount(torch.tensor(ids)).double()
-    change = torch.tensor([log_weights.get(tuple(n), 0.0) for n in names], dtype=torch.float64)
-    cli.datamodule.set_weights(natural * torch.exp(sign * strength * change))
-    recorder = TrajectoryRecorder(data, STEPS)
+    cli = weighted_cli(base, seed, log_weights, sign, strength)
+    recorder = TrajectoryRecorder(cli.datamodule.datamodule, STEPS)
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, cli.datamodule)
     return recorder.rows
