@@ -3,7 +3,7 @@
 ``direction_check`` found that the controlled direction ``δ̂`` estimated at step 10 moves the nested score
 of a full run the opposite way to the linear response's prediction. This check follows runs of a
 ``direction_check`` result's ``±δ̂`` weights and of the baseline (natural weights), seed by seed, and
-records at ``--steps``:
+records at the steps ``STEPS`` (0, 5, 10, …, 700):
 
 * ``ood_loss``: mean loss of the held-out OOD strings labelled FALSE (the observable the solve lowers
   along ``+δ̂``: lower = more NESTED);
