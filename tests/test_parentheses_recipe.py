@@ -555,8 +555,8 @@ def test_trajectory_combine_pools_runs_of_the_same_check(tmp_path: Path, monkeyp
         trajectory.main(["--combine", "a", "other", "--name", "bad"])
 
 
-def test_branch_runs_are_the_baseline_run_until_the_branch_step(tmp_path: Path, monkeypatch) -> None:
-    """``causal_run(from_step=k)``: natural weights up to step k, the new weights after it (applied from the
+def test_branch_runs_are_the_baseline_run_until_the_branch_step(tmp_path: Path) -> None:
+    """``weighted_cli(from_step=k)``: natural weights up to step k, the new weights after it (applied from the
     sampler's next chunk of 256 indices: 8 batches of 32 here)."""
     yaml = pytest.importorskip("yaml")
     from recipes.parentheses import direction_check
@@ -568,15 +568,12 @@ def test_branch_runs_are_the_baseline_run_until_the_branch_step(tmp_path: Path, 
     config["data"].update(n_train=256, n_val=64, n_ood_test=64, n_ood_probe=16, batch_size=32, max_length=12)
     base = tmp_path / "tiny.yaml"
     base.write_text(yaml.safe_dump(config))
-    clis = []
-    original = direction_check._baseline_cli
-    monkeypatch.setattr(direction_check, "_baseline_cli", lambda *a: clis.append(original(*a)) or clis[-1])
     ids, names = group_keys(small_data(n_train=256, max_length=12).train_set)
     change = {tuple(n): (1.0 if n[0] == 1 else -1.0) for n in names}
 
     def run(**kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
-        direction_check.causal_run(str(base), 0, change, **kwargs)  # type: ignore[arg-type]
-        cli = clis[-1]
+        cli = direction_check.weighted_cli(str(base), 0, change, **kwargs)  # type: ignore[arg-type]
+        direction_check.causal_run(cli, 0, 1)
         return cli.datamodule.weights, torch.cat([p.detach().flatten() for p in cli.model.parameters()])
 
     natural = torch.bincount(torch.tensor(ids)).double()

@@ -165,16 +165,8 @@ def weighted_cli(
     return cli
 
 
-def causal_run(
-    base: str,
-    seed: int,
-    log_weights: dict[tuple[int, ...], float],
-    sign: int,
-    strength: float,
-    from_step: int = 0,
-) -> dict:
-    """Train ``weighted_cli(...)`` and return its final metrics."""
-    cli = weighted_cli(base, seed, log_weights, sign, strength, from_step)
+def causal_run(cli: Any, seed: int, sign: int) -> dict:
+    """Train a :func:`weighted_cli` to the end; its final metrics with ``seed``, ``sign`` and the seconds."""
     start = time.perf_counter()
     cli.trainer.fit(cli.model, cli.datamodule)
     cli.after_fit()
@@ -350,7 +342,8 @@ def main(argv: list[str] | None = None) -> None:
             own = result["estimates"][-1]
             log_weights = {tuple(g): float(d) for g, d in zip(own["groups"], own["delta"], strict=True)}
             for sign in (1, -1):
-                run = causal_run(args.config, seed, log_weights, sign, args.strength, from_step=args.step)
+                cli = weighted_cli(args.config, seed, log_weights, sign, args.strength, from_step=args.step)
+                run = causal_run(cli, seed, sign)
                 result["runs"].append(run)
                 print(
                     f"[direction_check] seed {seed} branch {sign:+d}: {run['nested_score']:.3f}", flush=True
@@ -370,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     result["mean_delta"] = mean_delta.tolist()
     for seed in args.test_seeds:
         for sign in (1, -1):
-            result["runs"].append(causal_run(args.config, seed, log_weights, sign, args.strength))
+            cli = weighted_cli(args.config, seed, log_weights, sign, args.strength)
+            result["runs"].append(causal_run(cli, seed, sign))
             print(f"[direction_check] seed {seed} sign {sign:+d}: {result['runs'][-1]['nested_score']:.3f}")
             out.write_text(json.dumps(result))
     out.with_suffix(".md").write_text(summarize(result))
