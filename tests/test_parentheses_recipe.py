@@ -586,3 +586,18 @@ def test_branch_runs_are_the_baseline_run_until_the_branch_step(tmp_path: Path) 
     weights, params = run(sign=1, strength=1.0, from_step=2)
     torch.testing.assert_close(weights / weights.sum(), expected / expected.sum())
     assert not torch.equal(params, baseline_params)
+
+
+def test_interior_probe_keeps_only_ood_strings_the_ends_cannot_give_away() -> None:
+    from recipes.parentheses.data import boundary_violation
+    from recipes.parentheses.direction_check import probe_set
+
+    data = small_data()
+    everything, interior = probe_set(data, "ood"), probe_set(data, "interior")
+    assert everything is data.ood_probe_nested
+    kept = interior.strings
+    assert 0 < len(kept) < len(everything.strings) and set(kept) <= set(everything.strings)
+    assert not any(boundary_violation(s) for s in kept) and bool((interior.labels == 0).all())
+    assert sum(not boundary_violation(s) for s in everything.strings) == len(kept)
+    with pytest.raises(ValueError, match="probe"):
+        probe_set(data, "boundary")

@@ -39,6 +39,7 @@ import lightning_patterning as lp
 from lightning_patterning.observables import ProbeLoss
 from lightning_patterning.patterning.solve import solve_log_weights
 from recipes.parentheses.cli import main as cli_main
+from recipes.parentheses.data import ParenthesesDataset, boundary_violations
 from recipes.parentheses.patterning import (
     group_keys,
     group_masses,
@@ -74,8 +75,27 @@ def _baseline_cli(base: str, seed: int) -> Any:
         return cli_main(args, run=False, save_config_callback=None)
 
 
-def estimate(base: str, seed: int, step: int, per_group: int, sgld: lp.SGLDConfig) -> dict[str, Any]:
-    """χ (rows ``ood_nested``, ``dyck``; columns = groups) of the baseline run ``seed`` at ``step``."""
+PROBES = ("ood", "interior")
+
+
+def probe_set(data: Any, probe: str) -> ParenthesesDataset:
+    """The held-out OOD strings labelled FALSE that the observable scores: all of them (``"ood"``), or only
+    the *interior* ones (``"interior"``: start with ``(`` and end with ``)``, so the two ends cannot give
+    them away; the ones whose answer varies between runs)."""
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+    strings = data.ood_probe_nested
+    if probe == "ood":
+        return strings
+    interior = ~boundary_violations(strings.tokens)
+    return ParenthesesDataset(strings.tokens[interior], strings.labels[interior])
+
+
+def estimate(
+    base: str, seed: int, step: int, per_group: int, sgld: lp.SGLDConfig, probe: str = "ood"
+) -> dict[str, Any]:
+    """χ (rows: the OOD probe ``probe_set(data, probe)``, ``dyck``; columns = groups) of the baseline run
+    ``seed`` at ``step``."""
     cli = _baseline_cli(base, seed)
     cli.trainer.callbacks.append(_StopAt(step))
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -89,7 +109,7 @@ def estimate(base: str, seed: int, step: int, per_group: int, sgld: lp.SGLDConfi
         members = torch.nonzero(ids_t == k).flatten()
         probe_indices += members[torch.randperm(len(members), generator=generator)[:per_group]].tolist()
     observables = [
-        ProbeLoss("ood_nested", data.ood_probe_nested, max_samples=512),
+        ProbeLoss("ood_nested", probe_set(data, probe), max_samples=512),
         ProbeLoss("dyck", data.dyck_probe, max_samples=512),
     ]
     start = time.perf_counter()
@@ -289,6 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--strength", type=float, default=1.5, help="α of the fixed weights")
     parser.add_argument("--name", default="step40")
     parser.add_argument(
+        "--probe", choices=PROBES, default="ood", help="OOD probe strings: all, or only the interior ones"
+    )
+    parser.add_argument(
         "--branch",
         action="store_true",
         help="instead of estimate seeds: each test seed estimates its own δ at --step, and its ± runs are "
@@ -330,7 +353,13 @@ def main(argv: list[str] | None = None) -> None:
         out.with_suffix(".md").write_text(summarize(pooled))
         print(summarize(pooled))
         return
-    result: dict[str, Any] = {"command": command, "strength": args.strength, "estimates": [], "runs": []}
+    result: dict[str, Any] = {
+        "command": command,
+        "strength": args.strength,
+        "probe": args.probe,
+        "estimates": [],
+        "runs": [],
+    }
     result.update(baseline_scores(args.baseline))
     sgld = lp.SGLDConfig(
         lr=1e-4, nbeta=30.0, localization=300.0, num_chains=args.chains, num_draws=args.draws, batch_size=64
@@ -338,7 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.branch:
         result["branch_step"] = args.step
         for seed in args.test_seeds:
-            result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld))
+            result["estimates"].append(
+                estimate(args.config, seed, args.step, args.per_group, sgld, args.probe)
+            )
             own = result["estimates"][-1]
             log_weights = {tuple(g): float(d) for g, d in zip(own["groups"], own["delta"], strict=True)}
             for sign in (1, -1):
@@ -353,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         print(summarize(result))
         return
     for seed in args.estimate_seeds:
-        result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld))
+        result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld, args.probe))
         out.write_text(json.dumps(result))
     mean_delta = torch.tensor([e["delta"] for e in result["estimates"]], dtype=torch.float64).mean(dim=0)
     mean_delta = mean_delta / mean_delta.abs().max()
