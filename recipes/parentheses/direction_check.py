@@ -29,6 +29,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -295,6 +296,19 @@ def summarize(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def log_weight_map(groups: list[list[int]], delta: Any) -> dict[tuple[int, ...], float]:
+    """``{group key: log-weight change}`` from an estimate's ``groups`` and a direction ``delta``."""
+    return {tuple(g): float(d) for g, d in zip(groups, delta, strict=True)}
+
+
+def write_report(out: Path, result: dict[str, Any], table_of: Callable[[dict[str, Any]], str]) -> None:
+    """Write ``result`` to ``out`` (JSON) and ``table_of(result)`` next to it (``.md``); print the table."""
+    out.write_text(json.dumps(result))
+    table = table_of(result)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -349,9 +363,7 @@ def main(argv: list[str] | None = None) -> None:
             else parts[0]["estimates"],
         }
         pooled.update(baseline_scores(args.baseline))
-        out.write_text(json.dumps(pooled))
-        out.with_suffix(".md").write_text(summarize(pooled))
-        print(summarize(pooled))
+        write_report(out, pooled, summarize)
         return
     result: dict[str, Any] = {
         "command": command,
@@ -371,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
                 estimate(args.config, seed, args.step, args.per_group, sgld, args.probe)
             )
             own = result["estimates"][-1]
-            log_weights = {tuple(g): float(d) for g, d in zip(own["groups"], own["delta"], strict=True)}
+            log_weights = log_weight_map(own["groups"], own["delta"])
             for sign in (1, -1):
                 cli = weighted_cli(args.config, seed, log_weights, sign, args.strength, from_step=args.step)
                 run = causal_run(cli, seed, sign)
@@ -380,17 +392,14 @@ def main(argv: list[str] | None = None) -> None:
                     f"[direction_check] seed {seed} branch {sign:+d}: {run['nested_score']:.3f}", flush=True
                 )
             out.write_text(json.dumps(result))
-        out.with_suffix(".md").write_text(summarize(result))
-        print(summarize(result))
+        write_report(out, result, summarize)
         return
     for seed in args.estimate_seeds:
         result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld, args.probe))
         out.write_text(json.dumps(result))
     mean_delta = torch.tensor([e["delta"] for e in result["estimates"]], dtype=torch.float64).mean(dim=0)
     mean_delta = mean_delta / mean_delta.abs().max()
-    log_weights = {
-        tuple(g): float(d) for g, d in zip(result["estimates"][0]["groups"], mean_delta, strict=True)
-    }
+    log_weights = log_weight_map(result["estimates"][0]["groups"], mean_delta)
     result["mean_delta"] = mean_delta.tolist()
     for seed in args.test_seeds:
         for sign in (1, -1):
@@ -398,8 +407,7 @@ def main(argv: list[str] | None = None) -> None:
             result["runs"].append(causal_run(cli, seed, sign))
             print(f"[direction_check] seed {seed} sign {sign:+d}: {result['runs'][-1]['nested_score']:.3f}")
             out.write_text(json.dumps(result))
-    out.with_suffix(".md").write_text(summarize(result))
-    print(summarize(result))
+    write_report(out, result, summarize)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from recipes.parentheses.direction_check import BASE, weighted_cli
+from recipes.parentheses.direction_check import BASE, log_weight_map, weighted_cli, write_report
 from recipes.parentheses.model import ParenthesesClassifier, evaluate
 from recipes.parentheses.patterning import t_interval
 from recipes.parentheses.sweep import RESULTS
@@ -152,17 +152,13 @@ def main(argv: list[str] | None = None) -> None:
         if len({(p["check"], p["strength"]) for p in parts}) != 1:
             parser.error("--combine: the trajectories must follow the same check")
         pooled = {**parts[0], "command": command, "runs": [r for p in parts for r in p["runs"]]}
-        out.write_text(json.dumps(pooled))
-        out.with_suffix(".md").write_text(summarize(pooled))
-        print(summarize(pooled))
+        write_report(out, pooled, summarize)
         return
     if args.check is None:
         parser.error("--check is required (unless --combine)")
     torch.set_num_threads(1)
     check = json.loads((RESULTS / f"direction_check_{args.check}.json").read_text())
-    log_weights = {
-        tuple(g): float(d) for g, d in zip(check["estimates"][0]["groups"], check["mean_delta"], strict=True)
-    }
+    log_weights = log_weight_map(check["estimates"][0]["groups"], check["mean_delta"])
     result: dict[str, Any] = {
         "command": command,
         "check": args.check,
@@ -175,8 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             result["runs"].append({"seed": seed, "sign": sign, "rows": rows})
             print(f"[trajectory] seed {seed} {ROUTES[sign]}: nested score {rows[-1]['nested_score']:.3f}")
             out.write_text(json.dumps(result))
-    out.with_suffix(".md").write_text(summarize(result))
-    print(summarize(result))
+    write_report(out, result, summarize)
 
 
 if __name__ == "__main__":
