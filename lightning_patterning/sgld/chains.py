@@ -328,8 +328,8 @@ class ChainRunner:
         with evaluation_mode(self.model):
             cfg = self.config
             # "auto"'s size rule (CPU only): compute-bound chain forwards run sequentially.
-            threshold = cfg.auto_sequential_flops if cfg.chain_mode == "auto" else None
-            threshold = threshold if self._device.type == "cpu" else None
+            on_cpu_auto = cfg.chain_mode == "auto" and self._device.type == "cpu"
+            threshold = cfg.auto_sequential_flops if on_cpu_auto else None
             check = check_loss_fn(
                 self.model,
                 self._wrapper._fn,
