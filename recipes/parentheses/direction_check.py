@@ -13,6 +13,11 @@
    --strength``): ``+`` is the direction predicted to raise the nested score. Reported: the paired
    difference ``+`` − ``−`` of the nested score (95 % t-interval, exact Wilcoxon p), accuracies.
 
+``--estimates-from A`` skips part 1 and uses the estimates of an earlier check (e.g. the per-seed
+estimates of a ``--branch`` check: their mean is the population's direction at that step, far less noisy
+than one seed's), and ``--from-step K`` keeps natural weights up to step ``K`` and switches to the fixed
+ones there, so the direction is applied in the phase it was measured in.
+
 Writes ``results/direction_check_<name>.json`` and ``.md``. ``--combine A B --name C`` pools the test
 runs of earlier checks ``A`` and ``B`` that estimated the same direction (e.g. run as two processes).
 
@@ -249,13 +254,20 @@ def summarize(result: dict[str, Any]) -> str:
         by = {(r["seed"], r["sign"]): r for r in runs}
         seeds = sorted({r["seed"] for r in runs if (r["seed"], -r["sign"]) in by})
         diffs = [by[s, 1]["nested_score"] - by[s, -1]["nested_score"] for s in seeds]
-        branch = result.get("branch_step")
-        title = (
-            f"## 2. Branching at step {branch}: weights natural × exp(±{result['strength']}·δ̂) from then on, "
-            "δ̂ estimated on the same seed at that step"
-            if branch
-            else f"## 2. Training from scratch with weights natural × exp(±{result['strength']}·δ̂)"
-        )
+        branch, from_step = result.get("branch_step"), result.get("from_step", 0)
+        weights = f"weights natural × exp(±{result['strength']}·δ̂)"
+        if branch:
+            title = (
+                f"## 2. Branching at step {branch}: {weights} from then on, δ̂ estimated on the same seed "
+                "at that step"
+            )
+        elif from_step:
+            title = (
+                f"## 2. Natural weights to step {from_step}, then {weights}, δ̂ the mean direction of the "
+                f"{len(estimates)} estimates above"
+            )
+        else:
+            title = f"## 2. Training from scratch with {weights}"
         lines += [
             title,
             "",
@@ -309,6 +321,10 @@ def write_report(out: Path, result: dict[str, Any], table_of: Callable[[dict[str
     print(table)
 
 
+def _path(name: str) -> Path:
+    return RESULTS / f"direction_check_{name}.json"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -332,6 +348,19 @@ def main(argv: list[str] | None = None) -> None:
         "its baseline run up to --step, re-weighted from then on (a one-shot online update)",
     )
     parser.add_argument(
+        "--estimates-from",
+        nargs="+",
+        metavar="NAME",
+        help="instead of estimating: the estimates of earlier checks (e.g. every seed of a --branch check); "
+        "the test runs use their mean direction",
+    )
+    parser.add_argument(
+        "--from-step",
+        type=int,
+        default=0,
+        help="the test runs keep natural weights up to this step and switch to the fixed ones there",
+    )
+    parser.add_argument(
         "--baseline",
         type=Path,
         default=None,
@@ -344,14 +373,21 @@ def main(argv: list[str] | None = None) -> None:
         help="instead: pool the test runs of earlier checks that share the estimated direction into --name",
     )
     args = parser.parse_args(argv)
+    if args.branch and (args.estimates_from or args.from_step):
+        parser.error(
+            "--branch estimates each seed's own direction; it takes neither --estimates-from nor --from-step"
+        )
     torch.set_num_threads(1)
-    out = RESULTS / f"direction_check_{args.name}.json"
+    out = _path(args.name)
     command = "python -m recipes.parentheses.direction_check " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
     if args.combine:
-        parts = [json.loads((RESULTS / f"direction_check_{n}.json").read_text()) for n in args.combine]
-        keys = {json.dumps([p.get("mean_delta"), p["strength"], p.get("branch_step")]) for p in parts}
+        parts = [json.loads(_path(n).read_text()) for n in args.combine]
+        keys = {
+            json.dumps([p.get("mean_delta"), p["strength"], p.get("branch_step"), p.get("from_step", 0)])
+            for p in parts
+        }
         if len(keys) != 1:
             parser.error("--combine: the checks must share the direction (or branch step) and the strength")
         pooled = {
@@ -394,16 +430,20 @@ def main(argv: list[str] | None = None) -> None:
             out.write_text(json.dumps(result))
         write_report(out, result, summarize)
         return
-    for seed in args.estimate_seeds:
+    if args.estimates_from:
+        result["estimates"] = [
+            e for n in args.estimates_from for e in json.loads(_path(n).read_text())["estimates"]
+        ]
+    for seed in [] if args.estimates_from else args.estimate_seeds:
         result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld, args.probe))
         out.write_text(json.dumps(result))
     mean_delta = torch.tensor([e["delta"] for e in result["estimates"]], dtype=torch.float64).mean(dim=0)
     mean_delta = mean_delta / mean_delta.abs().max()
     log_weights = log_weight_map(result["estimates"][0]["groups"], mean_delta)
-    result["mean_delta"] = mean_delta.tolist()
+    result["mean_delta"], result["from_step"] = mean_delta.tolist(), args.from_step
     for seed in args.test_seeds:
         for sign in (1, -1):
-            cli = weighted_cli(args.config, seed, log_weights, sign, args.strength)
+            cli = weighted_cli(args.config, seed, log_weights, sign, args.strength, from_step=args.from_step)
             result["runs"].append(causal_run(cli, seed, sign))
             print(f"[direction_check] seed {seed} sign {sign:+d}: {result['runs'][-1]['nested_score']:.3f}")
             out.write_text(json.dumps(result))
