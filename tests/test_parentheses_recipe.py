@@ -601,3 +601,44 @@ def test_interior_probe_keeps_only_ood_strings_the_ends_cannot_give_away() -> No
     assert sum(not boundary_violation(s) for s in everything.strings) == len(kept)
     with pytest.raises(ValueError, match="probe"):
         probe_set(data, "boundary")
+
+
+def test_direction_check_tests_the_mean_of_earlier_estimates_from_a_given_step(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from recipes.parentheses import direction_check
+
+    monkeypatch.setattr(direction_check, "RESULTS", tmp_path)
+    groups = [[0, 2, 0], [1, 1, 0]]
+    estimates = [
+        {"seed": 0, "groups": groups, "delta": [1.0, -0.5]},
+        {"seed": 1, "groups": groups, "delta": [0.5, -1.0]},
+    ]
+    (tmp_path / "direction_check_est.json").write_text(json.dumps({"estimates": estimates}))
+    calls: list[tuple] = []
+
+    def fake_cli(
+        base: str, seed: int, log_weights: dict, sign: int, strength: float, from_step: int
+    ) -> tuple:
+        calls.append((seed, log_weights, sign, strength, from_step))
+        return seed, sign
+
+    def fake_run(cli: tuple, seed: int, sign: int) -> dict:
+        return {"seed": seed, "sign": sign, "nested_score": 0.5 + 0.1 * sign, "accuracy": 1.0}
+
+    monkeypatch.setattr(direction_check, "weighted_cli", fake_cli)
+    monkeypatch.setattr(direction_check, "causal_run", fake_run)
+    monkeypatch.setattr(direction_check, "summarize", lambda result: "")
+    argv = ["--estimates-from", "est", "--from-step", "150", "--test-seeds", "5", "6", "--strength", "2"]
+    direction_check.main([*argv, "--name", "pooled"])
+    result = json.loads((tmp_path / "direction_check_pooled.json").read_text())
+    assert result["mean_delta"] == [1.0, -1.0] and result["from_step"] == 150  # mean (0.75, −0.75), scaled
+    assert [e["seed"] for e in result["estimates"]] == [0, 1]
+    assert calls == [
+        (s, {(0, 2, 0): 1.0, (1, 1, 0): -1.0}, sign, 2.0, 150) for s in (5, 6) for sign in (1, -1)
+    ]
+    direction_check.main([*argv[:2], "--test-seeds", "7", "--strength", "2", "--name", "scratch"])
+    with pytest.raises(SystemExit):  # same direction and strength, but applied from another step
+        direction_check.main(["--combine", "pooled", "scratch", "--name", "bad"])
+    with pytest.raises(SystemExit):
+        direction_check.main(["--branch", "--from-step", "150", "--name", "bad"])
