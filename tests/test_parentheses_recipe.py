@@ -642,3 +642,49 @@ def test_direction_check_tests_the_mean_of_earlier_estimates_from_a_given_step(
         direction_check.main(["--combine", "pooled", "scratch", "--name", "bad"])
     with pytest.raises(SystemExit):
         direction_check.main(["--branch", "--from-step", "150", "--name", "bad"])
+
+
+def test_response_map_recovers_a_planted_long_run_gradient(tmp_path: Path, monkeypatch) -> None:
+    """Pairs whose y is ⟨G, d⟩ for a planted G: the candidate equal to G correlates at +1 with the smallest
+    permutation p, one orthogonal to G does not correlate, and least squares returns G."""
+    from recipes.parentheses import response_map
+
+    monkeypatch.setattr(response_map, "RESULTS", tmp_path)
+    monkeypatch.setattr(response_map, "PERMUTATIONS", 2000)
+    names = [(0, 2, 0), (0, 4, 0), (1, 1, 0), (1, 2, 0)]
+    planted = torch.tensor([0.3, -0.1, -0.4, 0.2], dtype=torch.float64)
+    orthogonal = torch.tensor([0.0, 2.0, -1.0, -1.0], dtype=torch.float64)
+    assert float(planted @ orthogonal) == pytest.approx(0.0) and float(orthogonal.sum()) == 0.0
+    # the file lists the groups in another order, which candidate_directions must undo
+    estimate = {
+        "groups": [list(n) for n in reversed(names)],
+        "delta": orthogonal.flip(0).tolist(),
+        "heuristic_log_ratio": planted.flip(0).tolist(),
+    }
+    for name in ("a", "b"):
+        (tmp_path / f"direction_check_{name}.json").write_text(json.dumps({"estimates": [estimate]}))
+    directions = torch.stack([response_map.random_direction(i, len(names)) for i in range(40)])
+    assert torch.equal(directions[3], response_map.random_direction(3, len(names)))
+    y = directions @ planted
+    pairs = [
+        {
+            "direction": d.tolist(),
+            "plus": {"nested_score": 0.5 + float(yi), "accuracy": 1.0},
+            "minus": {"nested_score": 0.5, "accuracy": 1.0},
+        }
+        for d, yi in zip(directions, y, strict=True)
+    ]
+    result = {
+        "command": "x",
+        "strength": 0.5,
+        "groups": names,
+        "candidates": ["a+b", "missing"],
+        "pairs": pairs,
+    }
+    table = response_map.summarize(result)
+    assert "| heuristic | +1.000 | 0.0005 | + |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| δ a+b |"))
+    assert abs(float(row.split("|")[2])) < 0.3 and float(row.split("|")[3]) > 0.05 and "missing" not in table
+    b, se = response_map.least_squares(directions, y)
+    torch.testing.assert_close(b, planted)
+    assert float(se.max()) < 1e-6

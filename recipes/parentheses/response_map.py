@@ -50,8 +50,7 @@ CANDIDATES = (
     "step40",
     "branch150_16seeds",
     "branch300_16seeds",
-    "est700_seeds0-2",
-    "est700_seeds1-3",
+    "est700_seeds0-2+est700_seeds1-3",
 )
 
 
@@ -91,13 +90,14 @@ def _aligned(
 
 def candidate_directions(names: list[tuple[int, ...]], checks: list[str]) -> dict[str, torch.Tensor]:
     """The heuristic's log-weights and each direction check's mean controlled direction, over ``names``
-    (groups a file lacks get 0). Checks without a result file are skipped."""
+    (groups a file lacks get 0). ``A+B`` pools the estimates of checks ``A`` and ``B``; checks without a
+    result file are skipped."""
     out: dict[str, torch.Tensor] = {}
     for check in checks:
-        path = RESULTS / f"direction_check_{check}.json"
-        if not path.exists():
+        paths = [RESULTS / f"direction_check_{part}.json" for part in check.split("+")]
+        if not all(path.exists() for path in paths):
             continue
-        estimates = json.loads(path.read_text())["estimates"]
+        estimates = [e for path in paths for e in json.loads(path.read_text())["estimates"]]
         groups = [tuple(g) for g in estimates[0]["groups"]]
         if "heuristic" not in out:
             out["heuristic"] = _aligned(names, groups, estimates[0]["heuristic_log_ratio"])
