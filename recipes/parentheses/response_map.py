@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from lightning_patterning.estimators.result import Susceptibilities
+from lightning_patterning.patterning.solve import solve_log_weights
 from recipes.parentheses.direction_check import (
     BASE,
     _baseline_cli,
@@ -41,7 +43,7 @@ from recipes.parentheses.direction_check import (
     write_report,
 )
 from recipes.parentheses.patterning import group_keys
-from recipes.parentheses.sweep import RESULTS
+from recipes.parentheses.sweep import RESULTS, delta_chi_path
 
 PERMUTATIONS = 20_000
 CANDIDATES = (
@@ -89,7 +91,8 @@ def _aligned(
 
 
 def candidate_directions(names: list[tuple[int, ...]], checks: list[str]) -> dict[str, torch.Tensor]:
-    """The heuristic's log-weights and each direction check's mean controlled direction, over ``names``
+    """The heuristic's log-weights, each direction check's mean controlled direction and the LLC route's
+    direction toward NESTED (``solve_log_weights(Δχ, −1)``, the default config's Δχ file), over ``names``
     (groups a file lacks get 0). ``A+B`` pools the estimates of checks ``A`` and ``B``; checks without a
     result file are skipped."""
     out: dict[str, torch.Tensor] = {}
@@ -102,6 +105,14 @@ def candidate_directions(names: list[tuple[int, ...]], checks: list[str]) -> dic
         if "heuristic" not in out:
             out["heuristic"] = _aligned(names, groups, estimates[0]["heuristic_log_ratio"])
         out[f"δ {check}"] = torch.stack([_aligned(names, groups, e["delta"]) for e in estimates]).mean(dim=0)
+        mass = _aligned(names, groups, estimates[0]["mass"])
+    if out and delta_chi_path(BASE).exists():  # the LLC route's direction toward NESTED, as its arm solves it
+        chi = Susceptibilities.load(delta_chi_path(BASE))
+        columns = torch.tensor([int(c) for c in chi.group_names])
+        direction = solve_log_weights(
+            chi.matrix.double(), torch.tensor([-1.0], dtype=torch.float64), mass[columns]
+        )
+        out["llc_route −Δχ"] = torch.zeros(len(names), dtype=torch.float64).index_copy_(0, columns, direction)
     return out
 
 
