@@ -647,6 +647,7 @@ def test_direction_check_tests_the_mean_of_earlier_estimates_from_a_given_step(
 def test_response_map_recovers_a_planted_long_run_gradient(tmp_path: Path, monkeypatch) -> None:
     """Pairs whose y is ⟨G, d⟩ for a planted G: the candidate equal to G correlates at +1 with the smallest
     permutation p, one orthogonal to G does not correlate, and least squares returns G."""
+    from lightning_patterning.estimators.result import Susceptibilities
     from recipes.parentheses import response_map
 
     monkeypatch.setattr(response_map, "RESULTS", tmp_path)
@@ -660,6 +661,7 @@ def test_response_map_recovers_a_planted_long_run_gradient(tmp_path: Path, monke
         "groups": [list(n) for n in reversed(names)],
         "delta": orthogonal.flip(0).tolist(),
         "heuristic_log_ratio": planted.flip(0).tolist(),
+        "mass": [0.25] * 4,
     }
     for name in ("a", "b"):
         (tmp_path / f"direction_check_{name}.json").write_text(json.dumps({"estimates": [estimate]}))
@@ -674,15 +676,33 @@ def test_response_map_recovers_a_planted_long_run_gradient(tmp_path: Path, monke
         }
         for d, yi in zip(directions, y, strict=True)
     ]
+    # Δχ = −planted at equal masses: the LLC route's direction toward NESTED, −Δχ, is the planted gradient
+    delta = Susceptibilities(
+        matrix=-planted[None],
+        stderr=torch.full((1, 4), 0.1, dtype=torch.float64),
+        mu=torch.tensor([0.0], dtype=torch.float64),
+        names=["llc"],
+        kinds=["LLC"],
+        sample_ids=torch.arange(4),
+        group_names=["0", "1", "2", "3"],
+        group_index=torch.arange(4),
+        nbeta=30.0,
+        center_loss=0.01,
+        diverged_chains={"full": 0},
+        config={},
+    )
     result = {
         "command": "x",
         "strength": 0.5,
         "groups": names,
         "candidates": ["a+b", "missing"],
+        "delta_chi": str(delta.save(tmp_path / "delta.json")),
         "pairs": pairs,
     }
     table = response_map.summarize(result)
-    assert "| heuristic | +1.000 | 0.0005 | + |" in table
+    assert (
+        "| heuristic | +1.000 | 0.0005 | + |" in table and "| llc_route −Δχ | +1.000 | 0.0005 | + |" in table
+    )
     row = next(line for line in table.splitlines() if line.startswith("| δ a+b |"))
     assert abs(float(row.split("|")[2])) < 0.3 and float(row.split("|")[3]) > 0.05 and "missing" not in table
     b, se = response_map.least_squares(directions, y)

@@ -11,8 +11,9 @@ score(−). To first order ``y_i ≈ 2α·⟨G, d_i⟩``, so:
   across pairs of ``y_i`` with ``⟨d_i, h⟩`` estimates the cosine of ``h`` with ``G`` up to the noise
   share: positive if re-weighting along ``h`` raises the final score. Candidates: the reference
   heuristic's log-weights (known to raise the score: the assay's positive control) and the mean
-  controlled direction of each ``--candidates`` direction check (the linear response's prediction, solved
-  to raise it). Two-sided permutation p (``PERMUTATIONS`` relabellings).
+  controlled direction of each ``--candidates`` direction check and the LLC route's direction toward
+  NESTED (the linear response's predictions, solved to raise it). Two-sided permutation p
+  (``PERMUTATIONS`` relabellings).
 * the least-squares fit ``y ≈ X·b`` (``X`` = the directions) estimates ``2α·G`` per group with standard
   errors.
 
@@ -90,9 +91,11 @@ def _aligned(
     return torch.tensor([values[position[n]] if n in position else 0.0 for n in names], dtype=torch.float64)
 
 
-def candidate_directions(names: list[tuple[int, ...]], checks: list[str]) -> dict[str, torch.Tensor]:
+def candidate_directions(
+    names: list[tuple[int, ...]], checks: list[str], delta_chi: str | None = None
+) -> dict[str, torch.Tensor]:
     """The heuristic's log-weights, each direction check's mean controlled direction and the LLC route's
-    direction toward NESTED (``solve_log_weights(Δχ, −1)``, the default config's Δχ file), over ``names``
+    direction toward NESTED (``solve_log_weights(Δχ, −1)`` from the Δχ file ``delta_chi``), over ``names``
     (groups a file lacks get 0). ``A+B`` pools the estimates of checks ``A`` and ``B``; checks without a
     result file are skipped."""
     out: dict[str, torch.Tensor] = {}
@@ -106,8 +109,8 @@ def candidate_directions(names: list[tuple[int, ...]], checks: list[str]) -> dic
             out["heuristic"] = _aligned(names, groups, estimates[0]["heuristic_log_ratio"])
         out[f"δ {check}"] = torch.stack([_aligned(names, groups, e["delta"]) for e in estimates]).mean(dim=0)
         mass = _aligned(names, groups, estimates[0]["mass"])
-    if out and delta_chi_path(BASE).exists():  # the LLC route's direction toward NESTED, as its arm solves it
-        chi = Susceptibilities.load(delta_chi_path(BASE))
+    if out and delta_chi:  # the LLC route's direction toward NESTED, as its arm solves it
+        chi = Susceptibilities.load(delta_chi)
         columns = torch.tensor([int(c) for c in chi.group_names])
         direction = solve_log_weights(
             chi.matrix.double(), torch.tensor([-1.0], dtype=torch.float64), mass[columns]
@@ -136,7 +139,7 @@ def summarize(result: dict[str, Any]) -> str:
         "| candidate h | r | permutation p | expected sign |",
         "|---|---:|---:|---|",
     ]
-    for name, h in candidate_directions(names, result["candidates"]).items():
+    for name, h in candidate_directions(names, result["candidates"], result.get("delta_chi")).items():
         r, p = correlation_test(directions @ (h - h.mean()), y)
         lines.append(f"| {name} | {r:+.3f} | {p:.4f} | + |")
     if len(pairs) > len(names):
@@ -176,11 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m recipes.parentheses.response_map " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
+    delta_chi = str(delta_chi_path(args.config)) if delta_chi_path(args.config).exists() else None
     if args.combine:
         parts = [json.loads(_path(n).read_text()) for n in args.combine]
         if len({(p["strength"], json.dumps(p["groups"])) for p in parts}) != 1:
             parser.error("--combine: the maps must share the strength and the groups")
-        pooled = {**parts[0], "command": command, "candidates": args.candidates}
+        pooled = {**parts[0], "command": command, "candidates": args.candidates, "delta_chi": delta_chi}
         pooled["pairs"] = [pair for p in parts for pair in p["pairs"]]
         write_report(out, pooled, summarize)
         return
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         "strength": args.strength,
         "groups": [list(n) for n in names],
         "candidates": args.candidates,
+        "delta_chi": delta_chi,
         "pairs": [],
     }
     for pair in args.pairs:
