@@ -696,7 +696,7 @@ def test_response_map_recovers_a_planted_long_run_gradient(tmp_path: Path, monke
         "strength": 0.5,
         "groups": names,
         "candidates": ["a+b", "missing"],
-        "delta_chi": str(delta.save(tmp_path / "delta.json")),
+        "delta_chi": delta.save(tmp_path / "delta.json").name,
         "pairs": pairs,
     }
     table = response_map.summarize(result)

@@ -96,9 +96,10 @@ def candidate_directions(
 ) -> dict[str, torch.Tensor]:
     """The heuristic's log-weights, each direction check's mean controlled direction and the LLC route's
     direction toward NESTED (``solve_log_weights(Δχ, −1)`` from the Δχ file ``delta_chi``), over ``names``
-    (groups a file lacks get 0). ``A+B`` pools the estimates of checks ``A`` and ``B``; checks without a
-    result file are skipped."""
+    (a file in ``RESULTS``; groups a file lacks get 0). ``A+B`` pools the estimates of checks ``A`` and
+    ``B``; checks without a result file are skipped."""
     out: dict[str, torch.Tensor] = {}
+    mass = None
     for check in checks:
         paths = [RESULTS / f"direction_check_{part}.json" for part in check.split("+")]
         if not all(path.exists() for path in paths):
@@ -109,8 +110,8 @@ def candidate_directions(
             out["heuristic"] = _aligned(names, groups, estimates[0]["heuristic_log_ratio"])
         out[f"δ {check}"] = torch.stack([_aligned(names, groups, e["delta"]) for e in estimates]).mean(dim=0)
         mass = _aligned(names, groups, estimates[0]["mass"])
-    if out and delta_chi:  # the LLC route's direction toward NESTED, as its arm solves it
-        chi = Susceptibilities.load(delta_chi)
+    if mass is not None and delta_chi:  # the LLC route's direction toward NESTED, as its arm solves it
+        chi = Susceptibilities.load(RESULTS / delta_chi)
         columns = torch.tensor([int(c) for c in chi.group_names])
         direction = solve_log_weights(
             chi.matrix.double(), torch.tensor([-1.0], dtype=torch.float64), mass[columns]
@@ -123,8 +124,9 @@ def summarize(result: dict[str, Any]) -> str:
     pairs = result["pairs"]
     names = [tuple(n) for n in result["groups"]]
     directions = torch.tensor([p["direction"] for p in pairs], dtype=torch.float64)
-    y = torch.tensor([p["plus"]["nested_score"] - p["minus"]["nested_score"] for p in pairs])
-    y = y.double()
+    y = torch.tensor(
+        [p["plus"]["nested_score"] - p["minus"]["nested_score"] for p in pairs], dtype=torch.float64
+    )
     accuracies = [p[s]["accuracy"] for p in pairs for s in ("plus", "minus")]
     lines = [
         f"Command: `{result['command']}`",
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m recipes.parentheses.response_map " + shlex.join(
         sys.argv[1:] if argv is None else argv
     )
-    delta_chi = str(delta_chi_path(args.config)) if delta_chi_path(args.config).exists() else None
+    delta_chi = delta_chi_path(args.config).name if delta_chi_path(args.config).exists() else None
     if args.combine:
         parts = [json.loads(_path(n).read_text()) for n in args.combine]
         if len({(p["strength"], json.dumps(p["groups"])) for p in parts}) != 1:
