@@ -67,7 +67,7 @@ class _StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def _baseline_cli(base: str, seed: int) -> Any:
+def baseline_cli(base: str, seed: int) -> Any:
     args = [
         "--config",
         base,
@@ -102,7 +102,7 @@ def estimate(
 ) -> dict[str, Any]:
     """χ (rows: the OOD probe ``probe_set(data, probe)``, ``dyck``; columns = groups) of the baseline run
     ``seed`` at ``step``."""
-    cli = _baseline_cli(base, seed)
+    cli = baseline_cli(base, seed)
     cli.trainer.callbacks.append(_StopAt(step))
     cli.trainer.fit(cli.model, cli.datamodule)
     data = cli.datamodule.datamodule
@@ -178,7 +178,7 @@ def weighted_cli(
 ) -> Any:
     """The baseline arm's CLI for ``seed`` with group weights ``natural × exp(sign·strength·log_weights)``:
     from the start, or (``from_step`` > 0) natural weights up to ``from_step`` and the new ones after it."""
-    cli = _baseline_cli(base, seed)
+    cli = baseline_cli(base, seed)
     data = cli.datamodule.datamodule
     ids, names = group_keys(data.train_set)
     natural = torch.bincount(torch.tensor(ids)).double()

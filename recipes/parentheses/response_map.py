@@ -38,7 +38,7 @@ from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.patterning.solve import solve_log_weights
 from recipes.parentheses.direction_check import (
     BASE,
-    _baseline_cli,
+    baseline_cli,
     causal_run,
     weighted_cli,
     write_report,
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         pooled["pairs"] = [pair for p in parts for pair in p["pairs"]]
         write_report(out, pooled, summarize)
         return
-    names = group_keys(_baseline_cli(args.config, 0).datamodule.datamodule.train_set)[1]
+    names = group_keys(baseline_cli(args.config, 0).datamodule.datamodule.train_set)[1]
     result: dict[str, Any] = {
         "command": command,
         "strength": args.strength,
