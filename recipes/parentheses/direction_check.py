@@ -68,6 +68,8 @@ class _StopAt(L.Callback):
 
 
 def baseline_cli(base: str, seed: int) -> Any:
+    """The baseline arm's LightningCLI for ``seed`` on the base config ``base``, built but not fitted (no
+    logger, no validation during fit)."""
     args = [
         "--config",
         base,
