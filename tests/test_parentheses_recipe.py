@@ -293,7 +293,8 @@ def test_causal_attention_and_poolings(pooling: str) -> None:
 def test_arm_configs_parse(arm: str) -> None:
     pytest.importorskip("jsonargparse")
     from recipes.parentheses.cli import main
-    from recipes.parentheses.patterning import ProbePatterning
+    from recipes.parentheses.patterning import ProbePatterning, group_keys
+    from recipes.parentheses.sweep import RESULTS
 
     cli = main(
         [
@@ -322,6 +323,20 @@ def test_arm_configs_parse(arm: str) -> None:
         assert callback.susceptibilities_path.endswith(".json")
     else:
         assert not callbacks
+    if arm.startswith("probe_oneoff"):  # natural × exp(±1.5·δ̂), δ̂ the mean step-150 direction
+        estimates = json.loads((RESULTS / "direction_check_branch150_16seeds.json").read_text())["estimates"]
+        mean = torch.tensor([e["delta"] for e in estimates], dtype=torch.float64).mean(dim=0)
+        change = dict(
+            zip(map(tuple, estimates[0]["groups"]), (mean / mean.abs().max()).tolist(), strict=True)
+        )
+        ids, names = group_keys(cli.datamodule.datamodule.train_set)
+        sign = -1.0 if arm.endswith("equal") else 1.0
+        expected = torch.bincount(torch.tensor(ids)).double() * torch.tensor(
+            [math.exp(sign * 1.5 * change.get(n, 0.0)) for n in names], dtype=torch.float64
+        )
+        torch.testing.assert_close(
+            cli.datamodule.weights / cli.datamodule.weights.sum(), expected / expected.sum()
+        )
 
 
 def test_dyck_control_probe() -> None:
@@ -358,6 +373,9 @@ def test_groups_and_natural_mass() -> None:
     assert group_masses(data, wrapped.weights) == pytest.approx(natural)
     heuristic = wrap(data, Sampling(groups="depth_length", weights="heuristic"), seed=3)
     assert heuristic.weights.numel() == data.n_train
+    for direction in (None, "no/such/file.json"):  # weights: direction needs a direction_check result
+        with pytest.raises(ValueError, match=r"sampling\.direction"):
+            wrap(data, Sampling(groups="depth_length", weights="direction", direction=direction), seed=3)
 
 
 def test_statistics_helpers() -> None:

@@ -33,7 +33,7 @@ class ParenthesesCLI(LightningCLI):
         """As usual, then wrap the data for weighted sampling when ``sampling.groups`` is set."""
         super().instantiate_classes()
         options = self._get(self.config, "sampling")
-        sampling = Sampling(**{k: options[k] for k in ("groups", "weights", "seed")})
+        sampling = Sampling(**{k: options[k] for k in ("groups", "weights", "seed", "direction", "strength")})
         seed = self._get(self.config, "seed_everything")
         self.datamodule = wrap(self.datamodule, sampling, int(seed) if seed is not None else 0)
 

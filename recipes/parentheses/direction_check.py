@@ -47,9 +47,11 @@ from lightning_patterning.patterning.solve import solve_log_weights
 from recipes.parentheses.cli import main as cli_main
 from recipes.parentheses.data import ParenthesesDataset, boundary_violations
 from recipes.parentheses.patterning import (
+    direction_weights,
     group_keys,
     group_masses,
     heuristic_weights,
+    mean_direction,
     t_interval,
     wilcoxon_signed_rank,
 )
@@ -181,11 +183,8 @@ def weighted_cli(
     """The baseline arm's CLI for ``seed`` with group weights ``natural × exp(sign·strength·log_weights)``:
     from the start, or (``from_step`` > 0) natural weights up to ``from_step`` and the new ones after it."""
     cli = baseline_cli(base, seed)
-    data = cli.datamodule.datamodule
-    ids, names = group_keys(data.train_set)
-    natural = torch.bincount(torch.tensor(ids)).double()
-    change = torch.tensor([log_weights.get(tuple(n), 0.0) for n in names], dtype=torch.float64)
-    weights = natural * torch.exp(sign * strength * change)
+    ids, names = group_keys(cli.datamodule.datamodule.train_set)
+    weights = direction_weights(ids, names, log_weights, sign * strength)
     if from_step > 0:
         cli.trainer.callbacks.append(_SetWeightsAt(from_step, weights))
     else:
@@ -439,8 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     for seed in [] if args.estimates_from else args.estimate_seeds:
         result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld, args.probe))
         out.write_text(json.dumps(result))
-    mean_delta = torch.tensor([e["delta"] for e in result["estimates"]], dtype=torch.float64).mean(dim=0)
-    mean_delta = mean_delta / mean_delta.abs().max()
+    mean_delta = mean_direction(result["estimates"])
     log_weights = log_weight_map(result["estimates"][0]["groups"], mean_delta)
     result["mean_delta"], result["from_step"] = mean_delta.tolist(), args.from_step
     for seed in args.test_seeds:

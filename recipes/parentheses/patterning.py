@@ -22,9 +22,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
@@ -37,7 +39,7 @@ from lightning_patterning.sgld.config import SGLDConfig
 from recipes.parentheses.data import ParenthesesData, ParenthesesDataset, count_imbalance, max_depth
 
 GROUPINGS = ("depth_length",)
-WEIGHTINGS = ("natural", "heuristic")
+WEIGHTINGS = ("natural", "heuristic", "direction")
 PROBES = {"ood_probe_nested": "ood_nested", "ood_probe_equal": "ood_equal", "dyck_probe": "dyck"}
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,14 +81,39 @@ class Sampling:
     Args:
         groups: ``None`` (plain shuffled loader, the baseline study) or ``"depth_length"``: wrap the data
             in ``lp.PatterningDataModule(groups=...)`` with the groups of ``group_keys``.
-        weights: ``"natural"`` (group weight = group size) or ``"heuristic"`` (per-sample
-            ``heuristic_weights``; one weight per sample, no groups).
+        weights: ``"natural"`` (group weight = group size), ``"heuristic"`` (per-sample
+            ``heuristic_weights``; one weight per sample, no groups) or ``"direction"`` (one-off patterning:
+            natural × exp(strength·δ̂), δ̂ = :func:`mean_direction` of the estimates in ``direction``).
         seed: seed of the weighted draw; ``None``: the run's ``seed_everything``.
+        direction: with ``weights: direction``, a ``direction_check`` result JSON (its ``estimates``).
+        strength: α of ``weights: direction``; positive toward NESTED (the solve's direction), negative
+            toward EQUAL-COUNT.
     """
 
     groups: str | None = None
     weights: str = "natural"
     seed: int | None = None
+    direction: str | None = None
+    strength: float = 1.5
+
+
+def mean_direction(estimates: Sequence[dict]) -> torch.Tensor:
+    """Mean of the estimates' controlled directions ``δ`` (one entry per group of ``estimates[0]["groups"]``),
+    scaled to ``max |δ̂| = 1``: the population's direction when the estimates come from several seeds."""
+    mean = torch.tensor([e["delta"] for e in estimates], dtype=torch.float64).mean(dim=0)
+    return mean / mean.abs().max()
+
+
+def direction_weights(
+    ids: Sequence[int],
+    names: Sequence[tuple[int, ...]],
+    log_weights: dict[tuple[int, ...], float],
+    strength: float,
+) -> torch.Tensor:
+    """Group weights ``natural mass × exp(strength · log_weights[g])`` (groups not in ``log_weights``: 0)."""
+    natural = torch.bincount(torch.tensor(list(ids))).double()
+    change = torch.tensor([log_weights.get(tuple(n), 0.0) for n in names], dtype=torch.float64)
+    return natural * torch.exp(strength * change)
 
 
 def wrap(data: ParenthesesData, sampling: Sampling, seed: int) -> lp.PatterningDataModule | ParenthesesData:
@@ -101,9 +128,20 @@ def wrap(data: ParenthesesData, sampling: Sampling, seed: int) -> lp.PatterningD
         wrapped = lp.PatterningDataModule(data, groups=None, seed=draw_seed)
         wrapped.set_weights(heuristic_weights(train.strings, train.labels.tolist()))
         return wrapped
-    ids, _ = group_keys(train)
+    ids, names = group_keys(train)
     wrapped = lp.PatterningDataModule(data, groups=ids, seed=draw_seed)
-    wrapped.set_weights(torch.bincount(torch.tensor(ids)).double())  # natural mass
+    if sampling.weights == "direction":
+        if sampling.direction is None or not Path(sampling.direction).is_file():
+            raise ValueError(
+                f"sampling.direction must name a direction_check result JSON for weights: direction, "
+                f"got {sampling.direction!r}"
+            )
+        estimates = json.loads(Path(sampling.direction).read_text())["estimates"]
+        delta = mean_direction(estimates)
+        log_weights = {tuple(g): float(d) for g, d in zip(estimates[0]["groups"], delta, strict=True)}
+        wrapped.set_weights(direction_weights(ids, names, log_weights, sampling.strength))
+    else:
+        wrapped.set_weights(torch.bincount(torch.tensor(ids)).double())  # natural mass
     return wrapped
 
 
