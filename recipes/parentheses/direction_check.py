@@ -51,6 +51,7 @@ from recipes.parentheses.patterning import (
     group_keys,
     group_masses,
     heuristic_weights,
+    log_weight_map,
     mean_direction,
     t_interval,
     wilcoxon_signed_rank,
@@ -307,11 +308,6 @@ def summarize(result: dict[str, Any]) -> str:
                     f"{len(d)} seeds up, exact Wilcoxon p = {wilcoxon_signed_rank(d)[1]:.4f}"
                 )
     return "\n".join(lines) + "\n"
-
-
-def log_weight_map(groups: list[list[int]], delta: Any) -> dict[tuple[int, ...], float]:
-    """``{group key: log-weight change}`` from an estimate's ``groups`` and a direction ``delta``."""
-    return {tuple(g): float(d) for g, d in zip(groups, delta, strict=True)}
 
 
 def write_report(out: Path, result: dict[str, Any], table_of: Callable[[dict[str, Any]], str]) -> None:

@@ -27,6 +27,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import TensorDataset
@@ -104,13 +105,19 @@ def mean_direction(estimates: Sequence[dict]) -> torch.Tensor:
     return mean / mean.abs().max()
 
 
+def log_weight_map(groups: Sequence[Sequence[int]], delta: Any) -> dict[tuple[int, ...], float]:
+    """``{group key: log-weight change}`` from an estimate's ``groups`` and a direction ``delta``."""
+    return {tuple(g): float(d) for g, d in zip(groups, delta, strict=True)}
+
+
 def direction_weights(
     ids: Sequence[int],
     names: Sequence[tuple[int, ...]],
     log_weights: dict[tuple[int, ...], float],
     strength: float,
 ) -> torch.Tensor:
-    """Group weights ``natural mass × exp(strength · log_weights[g])`` (groups not in ``log_weights``: 0)."""
+    """Group weights ``natural mass × exp(strength · log_weights[g])``; groups not in ``log_weights`` keep
+    their natural mass."""
     natural = torch.bincount(torch.tensor(list(ids))).double()
     change = torch.tensor([log_weights.get(tuple(n), 0.0) for n in names], dtype=torch.float64)
     return natural * torch.exp(strength * change)
@@ -137,8 +144,7 @@ def wrap(data: ParenthesesData, sampling: Sampling, seed: int) -> lp.PatterningD
                 f"got {sampling.direction!r}"
             )
         estimates = json.loads(Path(sampling.direction).read_text())["estimates"]
-        delta = mean_direction(estimates)
-        log_weights = {tuple(g): float(d) for g, d in zip(estimates[0]["groups"], delta, strict=True)}
+        log_weights = log_weight_map(estimates[0]["groups"], mean_direction(estimates))
         wrapped.set_weights(direction_weights(ids, names, log_weights, sampling.strength))
     else:
         wrapped.set_weights(torch.bincount(torch.tensor(ids)).double())  # natural mass

@@ -43,7 +43,7 @@ from recipes.parentheses.direction_check import (
     weighted_cli,
     write_report,
 )
-from recipes.parentheses.patterning import group_keys
+from recipes.parentheses.patterning import group_keys, log_weight_map
 from recipes.parentheses.sweep import RESULTS, delta_chi_path
 
 PERMUTATIONS = 20_000
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     for pair in args.pairs:
         seed = args.seed_offset + pair
         d = random_direction(pair, len(names))
-        log_weights = {tuple(n): float(x) for n, x in zip(names, d, strict=True)}
+        log_weights = log_weight_map(names, d)
         runs = {
             sign: causal_run(weighted_cli(args.config, seed, log_weights, sign, args.strength), seed, sign)
             for sign in (1, -1)

@@ -30,9 +30,9 @@ from typing import Any
 import lightning as L
 import torch
 
-from recipes.parentheses.direction_check import BASE, log_weight_map, weighted_cli, write_report
+from recipes.parentheses.direction_check import BASE, weighted_cli, write_report
 from recipes.parentheses.model import ParenthesesClassifier, evaluate
-from recipes.parentheses.patterning import t_interval
+from recipes.parentheses.patterning import log_weight_map, t_interval
 from recipes.parentheses.sweep import RESULTS
 
 STEPS = (0, 5, 10, 20, 40, 80, 150, 300, 500, 700)
