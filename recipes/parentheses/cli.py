@@ -11,6 +11,7 @@ patterning arms (``configs/arms/*.yaml``); without it the data module is used as
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -33,7 +34,7 @@ class ParenthesesCLI(LightningCLI):
         """As usual, then wrap the data for weighted sampling when ``sampling.groups`` is set."""
         super().instantiate_classes()
         options = self._get(self.config, "sampling")
-        sampling = Sampling(**{k: options[k] for k in ("groups", "weights", "seed", "direction", "strength")})
+        sampling = Sampling(**{f.name: options[f.name] for f in fields(Sampling)})
         seed = self._get(self.config, "seed_everything")
         self.datamodule = wrap(self.datamodule, sampling, int(seed) if seed is not None else 0)
 

@@ -431,9 +431,12 @@ def main(argv: list[str] | None = None) -> None:
         result["estimates"] = [
             e for n in args.estimates_from for e in json.loads(_path(n).read_text())["estimates"]
         ]
-    for seed in [] if args.estimates_from else args.estimate_seeds:
-        result["estimates"].append(estimate(args.config, seed, args.step, args.per_group, sgld, args.probe))
-        out.write_text(json.dumps(result))
+    else:
+        for seed in args.estimate_seeds:
+            result["estimates"].append(
+                estimate(args.config, seed, args.step, args.per_group, sgld, args.probe)
+            )
+            out.write_text(json.dumps(result))
     mean_delta = mean_direction(result["estimates"])
     log_weights = log_weight_map(result["estimates"][0]["groups"], mean_delta)
     result["mean_delta"], result["from_step"] = mean_delta.tolist(), args.from_step

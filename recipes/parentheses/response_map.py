@@ -43,7 +43,7 @@ from recipes.parentheses.direction_check import (
     weighted_cli,
     write_report,
 )
-from recipes.parentheses.patterning import group_keys, log_weight_map
+from recipes.parentheses.patterning import group_keys, log_weight_map, mean_direction
 from recipes.parentheses.sweep import RESULTS, delta_chi_path
 
 PERMUTATIONS = 20_000
@@ -87,8 +87,8 @@ def _aligned(
     names: list[tuple[int, ...]], groups: list[tuple[int, ...]], values: list[float]
 ) -> torch.Tensor:
     """``values`` (one per group of ``groups``) in the order of ``names``; 0 for groups not in ``groups``."""
-    position = {g: i for i, g in enumerate(groups)}
-    return torch.tensor([values[position[n]] if n in position else 0.0 for n in names], dtype=torch.float64)
+    by_group = log_weight_map(groups, values)
+    return torch.tensor([by_group.get(n, 0.0) for n in names], dtype=torch.float64)
 
 
 def candidate_directions(
@@ -108,7 +108,7 @@ def candidate_directions(
         groups = [tuple(g) for g in estimates[0]["groups"]]
         if "heuristic" not in out:
             out["heuristic"] = _aligned(names, groups, estimates[0]["heuristic_log_ratio"])
-        out[f"δ {check}"] = torch.stack([_aligned(names, groups, e["delta"]) for e in estimates]).mean(dim=0)
+        out[f"δ {check}"] = _aligned(names, groups, mean_direction(estimates).tolist())  # r ignores the scale
         mass = _aligned(names, groups, estimates[0]["mass"])
     if mass is not None and delta_chi:  # the LLC route's direction toward NESTED, as its arm solves it
         chi = Susceptibilities.load(RESULTS / delta_chi)
