@@ -726,3 +726,48 @@ def test_response_map_recovers_a_planted_long_run_gradient(tmp_path: Path, monke
     b, se = response_map.least_squares(directions, y)
     torch.testing.assert_close(b, planted)
     assert float(se.max()) < 1e-6
+
+
+def test_validity_pools_each_default_configuration_run_once(tmp_path: Path) -> None:
+    """Runs repeated across files count once, other configurations are left out, the arms' baseline rows
+    are the natural-weight runs, and the table's counts and Fisher tests follow from them."""
+    from recipes.parentheses import validity
+    from recipes.parentheses.patterning import fisher_exact
+
+    header = "arm,seed,nested_score,accuracy\n"
+    (tmp_path / "sweep_default.csv").write_text(
+        header + "baseline,0,0.95,0.98\nbaseline,1,0.75,1.0\nllc_route,0,0.97,0.95\n"
+    )
+    # the same baseline runs again (another sweep's copy) and a run of another schedule
+    (tmp_path / "sweep_default_llc.csv").write_text(header + "baseline,0,0.95,0.98\n")
+    (tmp_path / "sweep_default_steps1400.csv").write_text(header + "baseline,5,0.99,0.5\n")
+    runs = [
+        {"seed": 0, "nested_score": 0.97, "accuracy": 0.95},
+        {"seed": 2, "nested_score": 0.85, "accuracy": 1.0},
+    ]
+    (tmp_path / "direction_check_a.json").write_text(json.dumps({"runs": runs}))
+    (tmp_path / "direction_check_open_choice.json").write_text(json.dumps({"runs": [{**runs[1], "seed": 9}]}))
+    pair = {
+        "seed": 3,
+        "plus": {"nested_score": 1.0, "accuracy": 0.97},
+        "minus": {"nested_score": 0.6, "accuracy": 1},
+    }
+    (tmp_path / "response_map_b.json").write_text(json.dumps({"pairs": [pair]}))
+
+    found = sorted(validity.default_config_runs(tmp_path), key=lambda r: (r.seed, r.nested_score))
+    assert [(r.seed, r.nested_score, r.reweighted) for r in found] == [
+        (0, 0.95, False),
+        (0, 0.97, True),
+        (1, 0.75, False),
+        (2, 0.85, True),
+        (3, 0.6, True),
+        (3, 1.0, True),
+    ]
+    table = validity.pooled_table(found)
+    assert "| 0.95–1.00 | 1 / 1 | 2 / 2 |" in table and "| 0.70–0.80 | 0 / 1 | 0 / 0 |" in table
+    assert (
+        f"3 of 3 below 99 %; score < 0.9: 0 of 3 (Fisher exact p = {fisher_exact(3, 0, 0, 3):.2g})" in table
+    )
+    assert validity.error_kind("()(()())))", 0) == ("FALSE", "dips", 2, "10–14")
+    assert validity.error_kind("((((", 0) == ("FALSE", "never dips", 4, "2–8")
+    assert validity.error_kind("()()()(())()()()()()", 1) == ("TRUE", "never dips", 0, "16–20")
