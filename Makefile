@@ -1,6 +1,6 @@
 # lightning_patterning — developer commands.
-#   make demo   main job: build .venv, run the parentheses recipe's quick sweep (3 seeds × 4 arms in
-#               2 processes, ~4 min on 2 cores), print its table; results in runs/parentheses-quick/,
+#   make demo   main job: build .venv, run the parentheses recipe's quick sweep (3 seeds × 6 arms in
+#               2 processes, ~6 min on 2 cores), print its table; results in runs/parentheses-quick/,
 #               TensorBoard logs in lightning_logs/
 #   make llc-demo  a one-minute LLCCallback demo on a teacher-student MLP
 #   make test   ruff + default pytest suite (slow tests excluded) + strict docs build

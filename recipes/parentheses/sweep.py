@@ -74,7 +74,14 @@ ARMS = (
     "probe_oneoff",
     "probe_oneoff_equal",
 )
-QUICK_ARMS = ("baseline", "reference_heuristic", "llc_route", "online_nested_controlled")
+QUICK_ARMS = (
+    "baseline",
+    "reference_heuristic",
+    "llc_route",
+    "online_nested_controlled",
+    "probe_oneoff",
+    "probe_oneoff_equal",
+)
 COLUMNS = (
     "arm",
     "seed",
