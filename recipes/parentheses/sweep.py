@@ -59,6 +59,7 @@ DIRECTION_PAIRS = (
     ("online_nested", "online_equal"),
     ("online_nested_controlled", "online_equal_controlled"),
     ("llc_route", "llc_route_equal"),
+    ("probe_oneoff", "probe_oneoff_equal"),
 )
 RESULTS = HERE / "results"
 CONFIGS = HERE / "configs"
