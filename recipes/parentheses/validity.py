@@ -14,14 +14,14 @@ Two checks of the issue's validity bar (in-distribution accuracy ≥ 99 % on eve
   Within the NESTED end (score ≥ 0.9) a two-sided Fisher exact test compares the failure rate of natural
   and re-weighted runs: if re-weighting cost accuracy by itself (by starving a group), re-weighted runs
   would fail more often than natural ones of the same score.
-* ``--errors SEED …``: trains the baseline run of each seed again (bitwise the sweep's) and counts its
+* ``--errors SEED …``: trains the baseline run of each seed again (the same run as the sweep's) and counts its
   in-distribution errors by kind of string: label, whether the running depth dips below zero, count
   imbalance, length.
 
 Writes ``results/validity_<name>.md`` (and ``.json``).
 
     python -m recipes.parentheses.validity --name default
-    python -m recipes.parentheses.validity --errors 47 49 35 --name errors_baseline
+    python -m recipes.parentheses.validity --errors 47 49 37 34 --name errors_baseline
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         table = pooled_table(runs)
         data = [asdict(run) for run in runs]
     out = RESULTS / f"validity_{args.name}"
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "data": data}, indent=1))
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "data": data}))
     out.with_suffix(".md").write_text(f"Command: `{command}`\n\n{table}\n")
     print(table)
 
