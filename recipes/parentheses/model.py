@@ -285,6 +285,18 @@ class ParenthesesClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+def answers(model: ParenthesesTransformer | ParenthesesClassifier, tokens: torch.Tensor) -> torch.Tensor:
+    """The class ``model`` answers for each string of ``tokens`` (1 = TRUE), in eval mode without grad, in
+    batches of 1024; the model's train/eval mode is restored afterwards."""
+    network = model.model if isinstance(model, ParenthesesClassifier) else model
+    was_training = network.training
+    network.eval()
+    with torch.no_grad():
+        out = torch.cat([network(tokens[i : i + 1024]).argmax(-1) for i in range(0, len(tokens), 1024)])
+    network.train(was_training)
+    return out
+
+
 def evaluate(
     model: ParenthesesTransformer | ParenthesesClassifier,
     val_tokens: torch.Tensor,
@@ -299,17 +311,8 @@ def evaluate(
         ``")"`` or ends with ``"("`` (``nested_score_boundary``, ``nested_score_interior``); the OOD
         fractions of each split (``frac_dip1``, ``frac_boundary``). A split with no strings gives NaN.
     """
-    network = model.model if isinstance(model, ParenthesesClassifier) else model
-    was_training = network.training
-    network.eval()
-    with torch.no_grad():
-
-        def answers(tokens: torch.Tensor) -> torch.Tensor:
-            return torch.cat([network(tokens[i : i + 1024]).argmax(-1) for i in range(0, len(tokens), 1024)])
-
-        accuracy = (answers(val_tokens) == val_labels).float().mean().item()
-        answered_false = (answers(ood_tokens) == 0).float()
-    network.train(was_training)
+    accuracy = (answers(model, val_tokens) == val_labels).float().mean().item()
+    answered_false = (answers(model, ood_tokens) == 0).float()
     dips = min_prefix_depths(ood_tokens)
     boundary = boundary_violations(ood_tokens)
 

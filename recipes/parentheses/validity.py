@@ -39,6 +39,7 @@ import torch
 
 from recipes.parentheses.data import count_imbalance, min_prefix_depth
 from recipes.parentheses.direction_check import BASE, baseline_cli, causal_run
+from recipes.parentheses.model import answers
 from recipes.parentheses.patterning import fisher_exact
 from recipes.parentheses.sweep import RESULTS
 
@@ -136,13 +137,8 @@ def error_kinds(seed: int) -> tuple[dict, Counter]:
     cli = baseline_cli(BASE, seed)
     metrics = causal_run(cli, seed, 0)
     val = cli.datamodule.datamodule.val_set
-    network = cli.model.model.eval()
-    with torch.no_grad():
-        answers = torch.cat(
-            [network(val.tokens[i : i + 1024]).argmax(-1) for i in range(0, len(val.tokens), 1024)]
-        )
     strings = val.strings
-    wrong = (answers != val.labels).nonzero().flatten().tolist()
+    wrong = (answers(cli.model, val.tokens) != val.labels).nonzero().flatten().tolist()
     return metrics, Counter(error_kind(strings[i], int(val.labels[i])) for i in wrong)
 
 
