@@ -359,6 +359,17 @@ def test_reference_heuristic_weights() -> None:
     assert weights.tolist() == [2.0, 3.0, 3.0, 1.0, 1.0, 2.0 / 6.0]
 
 
+def test_class_balanced_heuristic_keeps_class_mass_and_ratios() -> None:
+    from recipes.parentheses.patterning import class_balanced
+
+    weights = torch.tensor([2.0, 3.0, 3.0, 1.0, 1.0, 2.0 / 6.0], dtype=torch.float64)
+    labels = [1, 1, 1, 0, 0, 0]
+    balanced = class_balanced(weights, labels)
+    assert balanced[:3].sum().item() == pytest.approx(3.0) and balanced[3:].sum().item() == pytest.approx(3.0)
+    assert (balanced[:3] / weights[:3]).tolist() == pytest.approx([3.0 / 8.0] * 3)  # ratios inside TRUE kept
+    assert (balanced[3:] / weights[3:]).tolist() == pytest.approx([3.0 / (7.0 / 3.0)] * 3)
+
+
 def test_groups_and_natural_mass() -> None:
     from recipes.parentheses.patterning import Sampling, group_keys, group_masses, wrap
 
@@ -373,6 +384,11 @@ def test_groups_and_natural_mass() -> None:
     assert group_masses(data, wrapped.weights) == pytest.approx(natural)
     heuristic = wrap(data, Sampling(groups="depth_length", weights="heuristic"), seed=3)
     assert heuristic.weights.numel() == data.n_train
+    balanced = wrap(data, Sampling(groups="depth_length", weights="heuristic_balanced"), seed=3)
+    is_true = data.train_set.labels == 1
+    natural_true = is_true.double().mean().item()
+    assert (balanced.weights[is_true].sum() / balanced.weights.sum()).item() == pytest.approx(natural_true)
+    assert (heuristic.weights[is_true].sum() / heuristic.weights.sum()).item() > natural_true + 0.1
     for direction in (None, "no/such/file.json"):  # weights: direction needs a direction_check result
         with pytest.raises(ValueError, match=r"sampling\.direction"):
             wrap(data, Sampling(groups="depth_length", weights="direction", direction=direction), seed=3)

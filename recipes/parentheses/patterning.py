@@ -4,7 +4,7 @@
   at 6) × length bucket, FALSE strings by (count imbalance, capped at 8) × length bucket (lengths ≤ 8,
   10–14, 16–20) — about 30 groups. ``Sampling`` (the CLI's ``sampling:`` section) wraps the data in
   ``lp.PatterningDataModule(groups=...)`` with starting weights = the groups' sizes (natural mass), or
-  per-sample ``heuristic_weights``.
+  per-sample ``heuristic_weights`` (optionally ``class_balanced``).
 * **Online arms.** ``ProbePatterning`` is ``lp.PatterningCallback`` with the observable
   ``ProbeLoss("ood_nested", data.ood_probe_nested)`` (held-out OOD strings labelled FALSE, NESTED's
   answer) and the target ``Shift({"ood_nested": shift})``: ``shift = −1`` lowers that loss (favours
@@ -40,7 +40,7 @@ from lightning_patterning.sgld.config import SGLDConfig
 from recipes.parentheses.data import ParenthesesData, ParenthesesDataset, count_imbalance, max_depth
 
 GROUPINGS = ("depth_length",)
-WEIGHTINGS = ("natural", "heuristic", "direction")
+WEIGHTINGS = ("natural", "heuristic", "heuristic_balanced", "direction")
 PROBES = {"ood_probe_nested": "ood_nested", "ood_probe_equal": "ood_equal", "dyck_probe": "dyck"}
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,6 +75,18 @@ def heuristic_weights(strings: Sequence[str], labels: Sequence[int]) -> torch.Te
     return torch.tensor(weights, dtype=torch.float64)
 
 
+def class_balanced(weights: torch.Tensor, labels: Sequence[int]) -> torch.Tensor:
+    """``weights`` rescaled within each class so that the class keeps its natural mass: sample ``i`` of
+    class ``c`` gets ``w_i · n_c / Σ_{j ∈ c} w_j`` (``n_c`` strings in the class). The ratios inside a class
+    are unchanged; what the heuristic does to the TRUE/FALSE prior is removed."""
+    labels_t = torch.as_tensor(list(labels))
+    balanced = weights.clone().double()
+    for c in labels_t.unique():
+        members = labels_t == c
+        balanced[members] *= members.sum() / balanced[members].sum()
+    return balanced
+
+
 @dataclass
 class Sampling:
     """How training strings are drawn (the CLI's ``sampling:`` section).
@@ -83,8 +95,10 @@ class Sampling:
         groups: ``None`` (plain shuffled loader, the baseline study) or ``"depth_length"``: wrap the data
             in ``lp.PatterningDataModule(groups=...)`` with the groups of ``group_keys``.
         weights: ``"natural"`` (group weight = group size), ``"heuristic"`` (per-sample
-            ``heuristic_weights``; one weight per sample, no groups) or ``"direction"`` (one-off patterning:
-            natural × exp(strength·δ̂), δ̂ = :func:`mean_direction` of the estimates in ``direction``).
+            ``heuristic_weights``; one weight per sample, no groups), ``"heuristic_balanced"`` (the same
+            with each class kept at its natural mass, :func:`class_balanced`) or ``"direction"`` (one-off
+            patterning: natural × exp(strength·δ̂), δ̂ = :func:`mean_direction` of the estimates in
+            ``direction``).
         seed: seed of the weighted draw; ``None``: the run's ``seed_everything``.
         direction: with ``weights: direction``, a ``direction_check`` result JSON (its ``estimates``).
         strength: α of ``weights: direction``; positive toward NESTED (the solve's direction), negative
@@ -131,9 +145,13 @@ def wrap(data: ParenthesesData, sampling: Sampling, seed: int) -> lp.PatterningD
         raise ValueError(f"sampling: groups must be in {GROUPINGS}, weights in {WEIGHTINGS}; got {sampling}")
     draw_seed = seed if sampling.seed is None else sampling.seed
     train = data.train_set
-    if sampling.weights == "heuristic":
+    if sampling.weights in ("heuristic", "heuristic_balanced"):
+        labels = train.labels.tolist()
+        weights = heuristic_weights(train.strings, labels)
         wrapped = lp.PatterningDataModule(data, groups=None, seed=draw_seed)
-        wrapped.set_weights(heuristic_weights(train.strings, train.labels.tolist()))
+        if sampling.weights == "heuristic_balanced":
+            weights = class_balanced(weights, labels)
+        wrapped.set_weights(weights)
         return wrapped
     ids, names = group_keys(train)
     wrapped = lp.PatterningDataModule(data, groups=ids, seed=draw_seed)

@@ -72,6 +72,7 @@ ARMS = (
     "llc_route",
     "llc_route_equal",
     "reference_heuristic",
+    "reference_heuristic_balanced",
     "probe_oneoff",
     "probe_oneoff_equal",
 )
