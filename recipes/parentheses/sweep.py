@@ -15,8 +15,10 @@ patterning on the OOD-probe loss, target −1 / +1), ``online_nested_controlled`
 ``online_equal_controlled`` (the same with the Dyck-word control probe held fixed), ``llc_route``
 (fixed weights from Δχ = χ(λ_NESTED) − χ(λ_EQUAL), target −1; ``llc_route_equal``: +1;
 ``--make-delta-chi`` builds the file first),
-``reference_heuristic``, ``probe_oneoff`` / ``probe_oneoff_equal`` (one-off probe-loss patterning: fixed
-weights along the mean step-150 controlled direction of ``direction_check_branch150_16seeds.json``, ±1.5).
+``reference_heuristic`` (``reference_heuristic_balanced``: each class kept at its natural mass),
+``probe_oneoff`` / ``probe_oneoff_equal`` (one-off probe-loss patterning: fixed weights along the mean
+step-150 controlled direction of ``direction_check_branch150_16seeds.json``, ±1.5; another configuration
+names its own with ``--set sampling.direction=…``).
 
 Writes ``<results-dir>/sweep_<name>.csv`` (default ``results/``; one row per run, rewritten after each
 run; an existing CSV is resumed: runs already in it are skipped), ``.md`` (command, per-arm mean ± sd,
