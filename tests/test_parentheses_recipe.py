@@ -213,7 +213,7 @@ def test_estimate_llc_runs_on_the_vmap_path() -> None:
     assert via_loader.mode == "vmap" and math.isfinite(via_loader.mean)
 
 
-@pytest.mark.parametrize("config", ["baseline.yaml", "open_choice.yaml"])
+@pytest.mark.parametrize("config", ["baseline.yaml", "open_choice.yaml", "flipped.yaml"])
 def test_cli_parses_the_configs(config: str) -> None:
     pytest.importorskip("jsonargparse")
     from recipes.parentheses.cli import main
@@ -620,6 +620,44 @@ def test_branch_runs_are_the_baseline_run_until_the_branch_step(tmp_path: Path) 
     weights, params = run(sign=1, strength=1.0, from_step=2)
     torch.testing.assert_close(weights / weights.sum(), expected / expected.sum())
     assert not torch.equal(params, baseline_params)
+
+
+def test_near_balanced_false_probe_is_held_out_in_distribution_false_strings() -> None:
+    data = small_data()
+    probe = data.near_balanced_false_probe
+    training = set(data.train_set.strings)
+    assert len(set(probe.strings)) == len(probe) == data.n_ood_probe and bool((probe.labels == 0).all())
+    for s in probe.strings:
+        assert count_imbalance(s) == 2 and 10 <= len(s) <= data.max_length and s not in training
+    assert probe.strings == small_data().near_balanced_false_probe.strings  # deterministic in the data seed
+    with pytest.raises(ValueError, match="n_ood_probe"):  # length 10 has too few such strings off training
+        _ = small_data(n_train=4000, max_length=10, n_ood_probe=5000).near_balanced_false_probe
+
+
+def test_validity_controlled_estimate_holds_both_control_rows_fixed(tmp_path: Path) -> None:
+    """With ``validity_control`` the estimate has a third row and its direction changes, to first order,
+    the OOD probe loss only: ``χ̃·M·δ`` (the solve's model of ``dμ``) is ``(−c, 0, 0)`` with ``c > 0``."""
+    yaml = pytest.importorskip("yaml")
+    from recipes.parentheses import direction_check
+
+    config = yaml.safe_load(BASELINE.read_text())
+    config["trainer"].update(max_steps=4, logger=False, enable_progress_bar=False)
+    config["model"].update(d_model=16, d_mlp=16, n_heads=2, n_layers=1, max_length=12)
+    config["data"].update(n_train=512, n_val=64, n_ood_test=64, n_ood_probe=32, batch_size=32, max_length=12)
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump(config))
+    sgld = lp.SGLDConfig(lr=1e-4, nbeta=30.0, localization=300.0, num_chains=2, num_draws=8, batch_size=32)
+    result = direction_check.estimate(str(base), 0, 2, 4, sgld, validity_control=True)
+    assert result["rows"] == ["ood_nested", "dyck", "near_balanced_false"]
+    chi = torch.tensor(result["chi"], dtype=torch.float64)
+    mass = torch.tensor(result["mass"], dtype=torch.float64)
+    mass = mass / mass.sum()
+    delta = torch.tensor(result["delta"], dtype=torch.float64)
+    response = (chi - (chi @ mass)[:, None]) @ (mass * delta)
+    assert response[0] < 0
+    torch.testing.assert_close(
+        response[1:], torch.zeros(2, dtype=torch.float64), atol=1e-9 * response.abs().max(), rtol=0
+    )
 
 
 def test_interior_probe_keeps_only_ood_strings_the_ends_cannot_give_away() -> None:

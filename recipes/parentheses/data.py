@@ -476,6 +476,42 @@ class ParenthesesData(L.LightningDataModule):
         tokens = self._dyck_words(self.n_ood_probe, self._generator("dyck_probe"))
         return ParenthesesDataset(tokens, torch.ones(tokens.shape[0], dtype=torch.long))
 
+    @cached_property
+    def near_balanced_false_probe(self) -> ParenthesesDataset:
+        """Held-out in-distribution FALSE strings with ``|count imbalance| = 2`` and length ``>= 10``
+        (``n_ood_probe`` distinct strings, labelled FALSE; none of them a training string): the strings
+        that the runs nearest NESTED get wrong on the default data (``validity.py``), a validity control
+        probe.
+
+        Drawn as FALSE training strings are (``false_kind``, ``false_close_fraction``) on the lengths
+        ``>= 10`` (all FALSE lengths when there are none), and kept by that filter.
+        """
+        generator = self._generator("near_balanced_false_probe")
+        lengths = [n for n in self.false_lengths if n >= 10] or self.false_lengths
+        seen = {tuple(row) for row in self.train_set.tokens.tolist()}
+        kept: list[list[int]] = []
+        for _ in range(1000):
+            tokens = _by_length(
+                4 * self.n_ood_probe,
+                lengths,
+                generator,
+                lambda count, length: random_false_steps(
+                    count, length, generator, self.false_kind, self.false_close_fraction
+                ),
+                self.max_length,
+            )
+            near = steps_of_tokens(tokens).sum(dim=-1).abs() == 2
+            for row in tokens[near].tolist():
+                if tuple(row) not in seen:
+                    seen.add(tuple(row))
+                    kept.append(row)
+            if len(kept) >= self.n_ood_probe:
+                break
+        if len(kept) < self.n_ood_probe:
+            raise ValueError(f"n_ood_probe: found fewer than {self.n_ood_probe} near-balanced FALSE strings")
+        tokens = torch.tensor(kept[: self.n_ood_probe], dtype=torch.long)
+        return ParenthesesDataset(tokens, torch.zeros(tokens.shape[0], dtype=torch.long))
+
     def setup(self, stage: str | None = None) -> None:
         """Build the sets (they are cached)."""
         _ = self.train_set, self.val_set, self.ood_test

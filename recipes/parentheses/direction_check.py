@@ -103,10 +103,17 @@ def probe_set(data: Any, probe: str) -> ParenthesesDataset:
 
 
 def estimate(
-    base: str, seed: int, step: int, per_group: int, sgld: lp.SGLDConfig, probe: str = "ood"
+    base: str,
+    seed: int,
+    step: int,
+    per_group: int,
+    sgld: lp.SGLDConfig,
+    probe: str = "ood",
+    validity_control: bool = False,
 ) -> dict[str, Any]:
-    """χ (rows: the OOD probe ``probe_set(data, probe)``, ``dyck``; columns = groups) of the baseline run
-    ``seed`` at ``step``."""
+    """χ (rows: the OOD probe ``probe_set(data, probe)``, ``dyck``, and with ``validity_control``
+    ``near_balanced_false``; columns = groups) of the baseline run ``seed`` at ``step``, and the controlled
+    direction ``δ = solve_log_weights(χ, (−1, 0[, 0]), mass)``: every row after the first held fixed."""
     cli = baseline_cli(base, seed)
     cli.trainer.callbacks.append(_StopAt(step))
     cli.trainer.fit(cli.model, cli.datamodule)
@@ -123,6 +130,8 @@ def estimate(
         ProbeLoss("ood_nested", probe_set(data, probe), max_samples=512),
         ProbeLoss("dyck", data.dyck_probe, max_samples=512),
     ]
+    if validity_control:
+        observables.append(ProbeLoss("near_balanced_false", data.near_balanced_false_probe, max_samples=512))
     start = time.perf_counter()
     chi = lp.estimate_susceptibilities(
         cli.model,
@@ -139,7 +148,9 @@ def estimate(
     heuristic_mass = group_masses(data, heuristic_weights(train.strings, train.labels.tolist()))
     mass = torch.tensor([natural[names[c]] for c in columns], dtype=torch.float64)
     heuristic = torch.tensor([heuristic_mass[names[c]] for c in columns], dtype=torch.float64)
-    delta = solve_log_weights(chi.matrix.double(), torch.tensor([-1.0, 0.0], dtype=torch.float64), mass)
+    target = torch.zeros(len(observables), dtype=torch.float64)
+    target[0] = -1.0
+    delta = solve_log_weights(chi.matrix.double(), target, mass)
     return {
         "seed": seed,
         "step": step,
@@ -251,6 +262,8 @@ def summarize(result: dict[str, Any]) -> str:
                 f"- δ between seeds: mean pairwise correlation {statistics.mean(between.values()):+.2f} "
                 f"(range {min(between.values()):+.2f} to {max(between.values()):+.2f})",
             ]
+        if len(first["rows"]) > 2:
+            lines.append(f"- rows held fixed in the solve: {', '.join(first['rows'][1:])}")
         lines.append("")
     if runs:
         by = {(r["seed"], r["sign"]): r for r in runs}
@@ -339,6 +352,11 @@ def main(argv: list[str] | None = None) -> None:
         "--probe", choices=PROBES, default="ood", help="OOD probe strings: all, or only the interior ones"
     )
     parser.add_argument(
+        "--validity-control",
+        action="store_true",
+        help="also hold fixed the loss of held-out near-balanced FALSE strings (|imbalance| 2, length >= 10)",
+    )
+    parser.add_argument(
         "--branch",
         action="store_true",
         help="instead of estimate seeds: each test seed estimates its own δ at --step, and its ± runs are "
@@ -402,6 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": command,
         "strength": args.strength,
         "probe": args.probe,
+        "validity_control": args.validity_control,
         "estimates": [],
         "runs": [],
     }
@@ -409,12 +428,18 @@ def main(argv: list[str] | None = None) -> None:
     sgld = lp.SGLDConfig(
         lr=1e-4, nbeta=30.0, localization=300.0, num_chains=args.chains, num_draws=args.draws, batch_size=64
     )
+    settings: dict[str, Any] = {
+        "base": args.config,
+        "step": args.step,
+        "per_group": args.per_group,
+        "sgld": sgld,
+        "probe": args.probe,
+        "validity_control": args.validity_control,
+    }
     if args.branch:
         result["branch_step"] = args.step
         for seed in args.test_seeds:
-            result["estimates"].append(
-                estimate(args.config, seed, args.step, args.per_group, sgld, args.probe)
-            )
+            result["estimates"].append(estimate(**settings, seed=seed))
             own = result["estimates"][-1]
             log_weights = log_weight_map(own["groups"], own["delta"])
             for sign in (1, -1):
@@ -433,9 +458,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     else:
         for seed in args.estimate_seeds:
-            result["estimates"].append(
-                estimate(args.config, seed, args.step, args.per_group, sgld, args.probe)
-            )
+            result["estimates"].append(estimate(**settings, seed=seed))
             out.write_text(json.dumps(result))
     mean_delta = mean_direction(result["estimates"])
     log_weights = log_weight_map(result["estimates"][0]["groups"], mean_delta)
