@@ -589,19 +589,27 @@ def test_trajectory_combine_pools_runs_of_the_same_check(tmp_path: Path, monkeyp
         trajectory.main(["--combine", "a", "other", "--name", "bad"])
 
 
+def tiny_config(tmp_path: Path, max_steps: int, n_train: int, n_ood_probe: int) -> Path:
+    """The baseline config shrunk to a one-layer d_model-16 model on strings of length ≤ 12, no logger."""
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load(BASELINE.read_text())
+    config["trainer"].update(max_steps=max_steps, logger=False, enable_progress_bar=False)
+    config["model"].update(d_model=16, d_mlp=16, n_heads=2, n_layers=1, max_length=12)
+    config["data"].update(
+        n_train=n_train, n_val=64, n_ood_test=64, n_ood_probe=n_ood_probe, batch_size=32, max_length=12
+    )
+    base = tmp_path / "tiny.yaml"
+    base.write_text(yaml.safe_dump(config))
+    return base
+
+
 def test_branch_runs_are_the_baseline_run_until_the_branch_step(tmp_path: Path) -> None:
     """``weighted_cli(from_step=k)``: natural weights up to step k, the new weights after it (applied from the
     sampler's next chunk of 256 indices: 8 batches of 32 here)."""
-    yaml = pytest.importorskip("yaml")
     from recipes.parentheses import direction_check
     from recipes.parentheses.patterning import group_keys
 
-    config = yaml.safe_load(BASELINE.read_text())
-    config["trainer"].update(max_steps=12, logger=False, enable_progress_bar=False)
-    config["model"].update(d_model=16, d_mlp=16, n_heads=2, n_layers=1, max_length=12)
-    config["data"].update(n_train=256, n_val=64, n_ood_test=64, n_ood_probe=16, batch_size=32, max_length=12)
-    base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump(config))
+    base = tiny_config(tmp_path, max_steps=12, n_train=256, n_ood_probe=16)
     ids, names = group_keys(small_data(n_train=256, max_length=12).train_set)
     change = {tuple(n): (1.0 if n[0] == 1 else -1.0) for n in names}
 
@@ -637,15 +645,9 @@ def test_near_balanced_false_probe_is_held_out_in_distribution_false_strings() -
 def test_validity_controlled_estimate_holds_both_control_rows_fixed(tmp_path: Path) -> None:
     """With ``validity_control`` the estimate has a third row and its direction changes, to first order,
     the OOD probe loss only: ``χ̃·M·δ`` (the solve's model of ``dμ``) is ``(−c, 0, 0)`` with ``c > 0``."""
-    yaml = pytest.importorskip("yaml")
     from recipes.parentheses import direction_check
 
-    config = yaml.safe_load(BASELINE.read_text())
-    config["trainer"].update(max_steps=4, logger=False, enable_progress_bar=False)
-    config["model"].update(d_model=16, d_mlp=16, n_heads=2, n_layers=1, max_length=12)
-    config["data"].update(n_train=512, n_val=64, n_ood_test=64, n_ood_probe=32, batch_size=32, max_length=12)
-    base = tmp_path / "tiny.yaml"
-    base.write_text(yaml.safe_dump(config))
+    base = tiny_config(tmp_path, max_steps=4, n_train=512, n_ood_probe=32)
     sgld = lp.SGLDConfig(lr=1e-4, nbeta=30.0, localization=300.0, num_chains=2, num_draws=8, batch_size=32)
     result = direction_check.estimate(str(base), 0, 2, 4, sgld, validity_control=True)
     assert result["rows"] == ["ood_nested", "dyck", "near_balanced_false"]
