@@ -396,19 +396,24 @@ class ParenthesesData(L.LightningDataModule):
             self.max_length,
         )
 
-    def _labelled(self, n: int, name: str) -> ParenthesesDataset:
-        generator = self._generator(name)
-        n_true = (n + 1) // 2
-        true = self._dyck_words(n_true, generator)
-        false = _by_length(
-            n - n_true,
-            self.false_lengths,
+    def _false_strings(self, n: int, lengths: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+        """``n`` FALSE strings (``false_kind``, ``false_close_fraction``) spread over ``lengths``, as padded
+        tokens."""
+        return _by_length(
+            n,
+            lengths,
             generator,
             lambda count, length: random_false_steps(
                 count, length, generator, self.false_kind, self.false_close_fraction
             ),
             self.max_length,
         )
+
+    def _labelled(self, n: int, name: str) -> ParenthesesDataset:
+        generator = self._generator(name)
+        n_true = (n + 1) // 2
+        true = self._dyck_words(n_true, generator)
+        false = self._false_strings(n - n_true, self.false_lengths, generator)
         order = torch.randperm(n, generator=generator)
         tokens = torch.cat([true, false])[order]
         labels = torch.cat([torch.ones(n_true), torch.zeros(n - n_true)]).long()[order]
@@ -491,15 +496,7 @@ class ParenthesesData(L.LightningDataModule):
         seen = {tuple(row) for row in self.train_set.tokens.tolist()}
         kept: list[list[int]] = []
         for _ in range(1000):
-            tokens = _by_length(
-                4 * self.n_ood_probe,
-                lengths,
-                generator,
-                lambda count, length: random_false_steps(
-                    count, length, generator, self.false_kind, self.false_close_fraction
-                ),
-                self.max_length,
-            )
+            tokens = self._false_strings(4 * self.n_ood_probe, lengths, generator)
             near = steps_of_tokens(tokens).sum(dim=-1).abs() == 2
             for row in tokens[near].tolist():
                 if tuple(row) not in seen:
