@@ -535,6 +535,23 @@ def test_direction_check_combine_pools_runs_of_the_same_direction(tmp_path: Path
         direction_check.main(["--combine", "br1", "br3", "--name", "bad"])
 
 
+def test_direction_check_baseline_scores_merge_sweep_csvs_and_refuse_a_seed_twice(tmp_path: Path) -> None:
+    from recipes.parentheses.direction_check import baseline_scores
+
+    def sweep_csv(name: str, rows: list[tuple[str, int, float]]) -> Path:
+        path = tmp_path / name
+        lines = ["arm,seed,nested_score"] + [f"{arm},{seed},{score}" for arm, seed, score in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    first = sweep_csv("a.csv", [("baseline", 0, 0.25), ("probe_oneoff", 0, 0.9), ("baseline", 1, 0.5)])
+    second = sweep_csv("b.csv", [("baseline", 18, 0.75)])
+    assert baseline_scores(None) == {}
+    assert baseline_scores([first, second]) == {"baseline": {"0": 0.25, "1": 0.5, "18": 0.75}}
+    with pytest.raises(ValueError, match="seed 0"):
+        baseline_scores([first, first])
+
+
 def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -> None:
     import lightning as L
 

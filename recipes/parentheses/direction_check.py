@@ -212,13 +212,23 @@ def causal_run(cli: Any, seed: int, sign: int) -> dict:
     return {"seed": seed, "sign": sign, "seconds": time.perf_counter() - start, **cli.final_metrics}
 
 
-def baseline_scores(csv_path: Path | None) -> dict[str, dict[str, float]]:
-    """``{"baseline": {seed: nested score}}`` from a sweep CSV's baseline rows (empty without a path)."""
-    if csv_path is None:
+def baseline_scores(csv_paths: list[Path] | None) -> dict[str, dict[str, float]]:
+    """``{"baseline": {seed: nested score}}`` from the baseline rows of sweep CSVs (empty without paths).
+
+    A seed with more than one baseline row is an error: which run would pair with it is ambiguous.
+    """
+    if not csv_paths:
         return {}
-    with csv_path.open() as f:
-        rows = [r for r in csv.DictReader(f) if r["arm"] == "baseline"]
-    return {"baseline": {r["seed"]: float(r["nested_score"]) for r in rows}}
+    scores: dict[str, float] = {}
+    for path in csv_paths:
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row["arm"] != "baseline":
+                    continue
+                if row["seed"] in scores:
+                    raise ValueError(f"--baseline: seed {row['seed']} has more than one baseline row")
+                scores[row["seed"]] = float(row["nested_score"])
+    return {"baseline": scores}
 
 
 def summarize(result: dict[str, Any]) -> str:
@@ -378,8 +388,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline",
         type=Path,
+        nargs="+",
         default=None,
-        help="a sweep CSV whose baseline rows (same seeds) the two directions are also compared with",
+        help="sweep CSVs whose baseline rows (same seeds) the two directions are also compared with",
     )
     parser.add_argument(
         "--combine",
