@@ -582,6 +582,10 @@ def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -
     runs = [{"seed": s, "sign": sign, "rows": rows[sign]} for s in (0, 1) for sign in (1, -1, 0)]
     table = summarize({"check": "c", "strength": 1.0, "command": "x", "runs": runs})
     assert "| 3 | ood_loss |" in table and "-2.0000 [" in table
+    baseline_runs = [run for run in runs if run["sign"] == 0]
+    table = summarize({"check": None, "strength": 0.0, "command": "x", "runs": baseline_runs})
+    ood_at_3 = f"| 3 | ood_loss | {recorder.rows[-1]['ood_loss']:.4f} |"
+    assert "baseline runs" in table and ood_at_3 in table and "+δ̂" not in table
 
 
 def test_trajectory_combine_pools_runs_of_the_same_check(tmp_path: Path, monkeypatch) -> None:

@@ -13,8 +13,11 @@ records at the steps ``STEPS`` (0, 5, 10, …, 700):
 The susceptibility predicts the *first-order* response of the posterior at the checkpoint; this shows
 whether the training run's OOD loss follows that prediction early on and when it turns. Writes
 ``results/trajectory_<name>.json`` and ``.md`` (means over seeds, and the paired ``+`` − ``−`` per step).
+Without ``--check`` it follows the baseline runs alone: how early a configuration's algorithm is decided
+(the correlation of each step's nested score with the final one), to choose the checkpoint of an estimate.
 
     python -m recipes.parentheses.trajectory --check step10_16seeds --seeds 2 3 4 5 6 7 8 9 --name step10
+    python -m recipes.parentheses.trajectory --config <config> --seeds 0 1 2 3 --name <config>_window
 """
 
 from __future__ import annotations
@@ -106,23 +109,32 @@ def summarize(result: dict[str, Any]) -> str:
     seeds = sorted({r["seed"] for r in runs})
     by = {(r["seed"], r["sign"]): {row["step"]: row for row in r["rows"]} for r in runs}
     steps = [row["step"] for row in runs[0]["rows"]]
-    lines = [
-        f"# Trajectory of the `{result['check']}` direction (strength {result['strength']})",
-        "",
-        f"`{result['command']}`",
-        "",
-        f"{len(seeds)} seeds. Means over seeds; `+ − −` is the paired difference (95 % t-interval).",
-        "",
-        "| step | quantity | +δ̂ | −δ̂ | baseline | + − − [95 % CI] |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
+    directed = result["check"] is not None
+    title = "baseline runs"
+    if directed:
+        title = f"the `{result['check']}` direction (strength {result['strength']})"
+    lines = [f"# Trajectory of {title}", "", f"`{result['command']}`", ""]
+    if directed:
+        lines += [
+            f"{len(seeds)} seeds. Means over seeds; `+ − −` is the paired difference (95 % t-interval).",
+            "",
+            "| step | quantity | +δ̂ | −δ̂ | baseline | + − − [95 % CI] |",
+            "|---:|---|---:|---:|---:|---:|",
+        ]
+    else:
+        lines += [f"{len(seeds)} seeds. Means over seeds.", "", "| step | quantity | baseline |"]
+        lines.append("|---:|---|---:|")
     for step in steps:
         for quantity in ("ood_loss", "dyck_loss", "nested_score", "accuracy"):
-            means = [statistics.fmean(by[(s, sign)][step][quantity] for s in seeds) for sign in (1, -1, 0)]
+            baseline = statistics.fmean(by[(s, 0)][step][quantity] for s in seeds)
+            if not directed:
+                lines.append(f"| {step} | {quantity} | {baseline:.4f} |")
+                continue
+            means = [statistics.fmean(by[(s, sign)][step][quantity] for s in seeds) for sign in (1, -1)]
             diffs = [by[(s, 1)][step][quantity] - by[(s, -1)][step][quantity] for s in seeds]
             mean, low, high = t_interval(diffs)
             lines.append(
-                f"| {step} | {quantity} | {means[0]:.4f} | {means[1]:.4f} | {means[2]:.4f} | "
+                f"| {step} | {quantity} | {means[0]:.4f} | {means[1]:.4f} | {baseline:.4f} | "
                 f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] |"
             )
     final = [by[key][steps[-1]]["nested_score"] for key in sorted(by)]
@@ -138,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--config", default=BASE)
-    parser.add_argument("--check", help="a direction_check result name (its δ̂, strength)")
+    parser.add_argument(
+        "--check", help="a direction_check result name (its δ̂, strength); without it, baseline runs only"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4, 5, 6, 7, 8, 9])
     parser.add_argument("--name", required=True)
     parser.add_argument(
@@ -154,20 +168,17 @@ def main(argv: list[str] | None = None) -> None:
         pooled = {**parts[0], "command": command, "runs": [r for p in parts for r in p["runs"]]}
         write_report(out, pooled, summarize)
         return
-    if args.check is None:
-        parser.error("--check is required (unless --combine)")
     torch.set_num_threads(1)
-    check = json.loads((RESULTS / f"direction_check_{args.check}.json").read_text())
-    log_weights = log_weight_map(check["estimates"][0]["groups"], check["mean_delta"])
-    result: dict[str, Any] = {
-        "command": command,
-        "check": args.check,
-        "strength": check["strength"],
-        "runs": [],
-    }
+    if args.check is None:
+        log_weights, strength, signs = {}, 0.0, (0,)
+    else:
+        check = json.loads((RESULTS / f"direction_check_{args.check}.json").read_text())
+        log_weights = log_weight_map(check["estimates"][0]["groups"], check["mean_delta"])
+        strength, signs = check["strength"], tuple(ROUTES)
+    result: dict[str, Any] = {"command": command, "check": args.check, "strength": strength, "runs": []}
     for seed in args.seeds:
-        for sign in ROUTES:
-            rows = trajectory_run(args.config, seed, log_weights, sign, check["strength"])
+        for sign in signs:
+            rows = trajectory_run(args.config, seed, log_weights, sign, strength)
             result["runs"].append({"seed": seed, "sign": sign, "rows": rows})
             print(f"[trajectory] seed {seed} {ROUTES[sign]}: nested score {rows[-1]['nested_score']:.3f}")
             out.write_text(json.dumps(result))
