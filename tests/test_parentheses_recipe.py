@@ -800,9 +800,19 @@ def test_response_map_recovers_a_planted_long_run_gradient(tmp_path: Path, monke
     )
     row = next(line for line in table.splitlines() if line.startswith("| δ a+b |"))
     assert abs(float(row.split("|")[2])) < 0.3 and float(row.split("|")[3]) > 0.05 and "missing" not in table
+    assert "Even response" not in table
     b, se = response_map.least_squares(directions, y)
     torch.testing.assert_close(b, planted)
     assert float(se.max()) < 1e-6
+    # even response: each pair's mean score against its seed's baseline (seeds 0-3 here, one without one)
+    for seed, pair in enumerate(pairs[:4]):
+        pair.update(seed=seed, plus={"nested_score": 0.6 + 0.2 * seed, "accuracy": 1.0})
+        pair["minus"] = {"nested_score": 0.4, "accuracy": 1.0}
+    base = [("baseline", 0, 0.4), ("baseline", 1, 0.5), ("baseline", 2, 0.6), ("reference", 3, 0.0)]
+    sweep = tmp_path / "sweep.csv"
+    sweep.write_text("arm,seed,nested_score\n" + "".join(f"{a},{s},{v}\n" for a, s, v in base))
+    even = {**result, "pairs": pairs[:4], **response_map.baseline_scores([sweep])}
+    assert "+0.100 [+0.100, +0.100] (95 % t), 3 / 3 pairs up" in response_map.summarize(even)
 
 
 def test_validity_pools_each_default_configuration_run_once(tmp_path: Path) -> None:

@@ -16,6 +16,10 @@ score(−). To first order ``y_i ≈ 2α·⟨G, d_i⟩``, so:
   (``PERMUTATIONS`` relabellings).
 * the least-squares fit ``y ≈ X·b`` (``X`` = the directions) estimates ``2α·G`` per group with standard
   errors.
+* with ``--baseline`` (sweep CSVs holding baseline runs of the pairs' seeds): the *even* response, the
+  mean over pairs of ``(score(+) + score(−))/2 − score(baseline)``. To second order it is
+  ``α²·dᵀHd/2``, what re-weighting of this size does whatever its direction; first-order patterning can
+  only be seen against it.
 
 Writes ``results/response_map_<name>.json`` and ``.md``; ``--combine A B --name C`` pools the pairs of
 processes run with the same strength.
@@ -39,11 +43,18 @@ from lightning_patterning.patterning.solve import solve_log_weights
 from recipes.parentheses.direction_check import (
     BASE,
     baseline_cli,
+    baseline_scores,
     causal_run,
     weighted_cli,
     write_report,
 )
-from recipes.parentheses.patterning import group_keys, log_weight_map, mean_direction
+from recipes.parentheses.patterning import (
+    group_keys,
+    log_weight_map,
+    mean_direction,
+    t_interval,
+    wilcoxon_signed_rank,
+)
 from recipes.parentheses.sweep import RESULTS, delta_chi_path
 
 PERMUTATIONS = 20_000
@@ -144,6 +155,20 @@ def summarize(result: dict[str, Any]) -> str:
     for name, h in candidate_directions(names, result["candidates"], result.get("delta_chi")).items():
         r, p = correlation_test(directions @ (h - h.mean()), y)
         lines.append(f"| {name} | {r:+.3f} | {p:.4f} | + |")
+    baseline = {int(seed): score for seed, score in result.get("baseline", {}).items()}
+    paired = [p for p in pairs if baseline and p["seed"] in baseline]
+    if paired:
+        even = [
+            (p["plus"]["nested_score"] + p["minus"]["nested_score"]) / 2 - baseline[p["seed"]] for p in paired
+        ]
+        mean, low, high = t_interval(even)
+        lines += [
+            "",
+            "## Even response: mean of the pair's two scores − the seed's baseline score",
+            "",
+            f"{mean:+.3f} [{low:+.3f}, {high:+.3f}] (95 % t), {sum(e > 0 for e in even)} / {len(even)} pairs "
+            f"up, exact Wilcoxon p = {wilcoxon_signed_rank(even)[1]:.4f}.",
+        ]
     if len(pairs) > len(names):
         b, se = least_squares(directions, y)
         lines += [
@@ -175,6 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), metavar="CHECK")
     parser.add_argument("--name", default="pairs0-3")
     parser.add_argument("--combine", nargs="+", metavar="NAME", help="instead: pool earlier maps into --name")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        nargs="+",
+        help="sweep CSVs: baseline runs of the seeds (even response)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = _path(args.name)
@@ -187,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         if len({(p["strength"], json.dumps(p["groups"])) for p in parts}) != 1:
             parser.error("--combine: the maps must share the strength and the groups")
         pooled = {**parts[0], "command": command, "candidates": args.candidates, "delta_chi": delta_chi}
+        pooled.update(baseline_scores(args.baseline))
         pooled["pairs"] = [pair for p in parts for pair in p["pairs"]]
         write_report(out, pooled, summarize)
         return
@@ -198,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         "candidates": args.candidates,
         "delta_chi": delta_chi,
         "pairs": [],
+        **baseline_scores(args.baseline),
     }
     for pair in args.pairs:
         seed = args.seed_offset + pair
