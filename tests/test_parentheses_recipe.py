@@ -552,6 +552,22 @@ def test_direction_check_baseline_scores_merge_sweep_csvs_and_refuse_a_seed_twic
         baseline_scores([first, first])
 
 
+def test_direction_check_summary_counts_pure_nested_seeds_against_the_baseline() -> None:
+    from recipes.parentheses.direction_check import summarize
+
+    plus, minus, baseline = [0.95, 0.95, 0.95, 0.2], [0.1, 0.1, 0.1, 0.95], [0.95, 0.2, 0.2, 0.2]
+    runs = [
+        {"seed": seed, "sign": sign, "nested_score": scores[seed], "accuracy": 1.0}
+        for seed in range(4)
+        for sign, scores in ((1, plus), (-1, minus))
+    ]
+    result = {"command": "x", "strength": 1.5, "estimates": [], "runs": runs}
+    table = summarize({**result, "baseline": {str(seed): b for seed, b in enumerate(baseline)}})
+    # Fisher [[3, 1], [1, 3]]: tables as unlikely as it (16/70 each) or less: (1 + 16 + 16 + 1) / 70
+    assert "+δ̂ 3, −δ̂ 1, baseline 1 of 4; Fisher exact p against the baseline 0.49 (+δ̂), 1.00 (−δ̂)" in table
+    assert "pure NESTED" not in summarize(result)
+
+
 def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -> None:
     import lightning as L
 

@@ -48,6 +48,7 @@ from recipes.parentheses.cli import main as cli_main
 from recipes.parentheses.data import ParenthesesDataset, boundary_violations
 from recipes.parentheses.patterning import (
     direction_weights,
+    fisher_exact,
     group_keys,
     group_masses,
     heuristic_weights,
@@ -59,6 +60,7 @@ from recipes.parentheses.patterning import (
 from recipes.parentheses.sweep import CONFIGS, QUIET, RESULTS, _bare_argv
 
 BASE = str(CONFIGS / "baseline.yaml")
+PURE = 0.9  # a nested score above it counts as a seed on the NESTED algorithm (Fisher tests)
 
 
 class _StopAt(L.Callback):
@@ -330,6 +332,14 @@ def summarize(result: dict[str, Any]) -> str:
                     f"- {name} − baseline: {mean:+.3f} [{low:+.3f}, {high:+.3f}], {sum(x > 0 for x in d)} / "
                     f"{len(d)} seeds up, exact Wilcoxon p = {wilcoxon_signed_rank(d)[1]:.4f}"
                 )
+            n = len(paired)
+            nested = {sign: sum(by[s, sign]["nested_score"] > PURE for s in paired) for sign in (1, -1)}
+            base = sum(baseline[s] > PURE for s in paired)
+            fisher = {sign: fisher_exact(k, n - k, base, n - base) for sign, k in nested.items()}
+            lines.append(
+                f"- seeds above {PURE} (pure NESTED): +δ̂ {nested[1]}, −δ̂ {nested[-1]}, baseline {base} of "
+                f"{n}; Fisher exact p against the baseline {fisher[1]:.2f} (+δ̂), {fisher[-1]:.2f} (−δ̂)"
+            )
     return "\n".join(lines) + "\n"
 
 
