@@ -553,7 +553,7 @@ def test_direction_check_baseline_scores_merge_sweep_csvs_and_refuse_a_seed_twic
 
 
 def test_direction_check_summary_counts_pure_nested_seeds_against_the_baseline() -> None:
-    from recipes.parentheses.direction_check import summarize
+    from recipes.parentheses.direction_check import p_value, summarize
 
     plus, minus, baseline = [0.95, 0.95, 0.95, 0.2], [0.1, 0.1, 0.1, 0.95], [0.95, 0.2, 0.2, 0.2]
     runs = [
@@ -564,8 +564,11 @@ def test_direction_check_summary_counts_pure_nested_seeds_against_the_baseline()
     result = {"command": "x", "strength": 1.5, "estimates": [], "runs": runs}
     table = summarize({**result, "baseline": {str(seed): b for seed, b in enumerate(baseline)}})
     # Fisher [[3, 1], [1, 3]]: tables as unlikely as it (16/70 each) or less: (1 + 16 + 16 + 1) / 70
-    assert "+δ̂ 3, −δ̂ 1, baseline 1 of 4; Fisher exact p against the baseline 0.49 (+δ̂), 1.00 (−δ̂)" in table
+    assert (
+        "+δ̂ 3, −δ̂ 1, baseline 1 of 4; Fisher exact p against the baseline 0.4857 (+δ̂), 1.0000 (−δ̂)" in table
+    )
     assert "pure NESTED" not in summarize(result)
+    assert p_value(0.01234) == "0.0123" and p_value(3.14e-5) == "3.1e-05"
 
 
 def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -> None:

@@ -233,6 +233,11 @@ def baseline_scores(csv_paths: list[Path] | None) -> dict[str, dict[str, float]]
     return {"baseline": scores}
 
 
+def p_value(p: float) -> str:
+    """``p`` to four decimals, or to two significant digits below 0.0001 (where four decimals read 0)."""
+    return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+
+
 def summarize(result: dict[str, Any]) -> str:
     estimates, runs = result["estimates"], result["runs"]
     lines = [f"Command: `{result['command']}`", "", "## 1. Controlled NESTED direction at the checkpoint", ""]
@@ -313,7 +318,7 @@ def summarize(result: dict[str, Any]) -> str:
             lines += [
                 "",
                 f"Paired difference (+) − (−): {mean:+.3f} [{low:+.3f}, {high:+.3f}] (95 % t), "
-                f"{sum(d > 0 for d in diffs)} / {len(diffs)} seeds up, exact Wilcoxon p = {p:.4f}; "
+                f"{sum(d > 0 for d in diffs)} / {len(diffs)} seeds up, exact Wilcoxon p = {p_value(p)}; "
                 f"nested score + {statistics.mean(by[s, 1]['nested_score'] for s in seeds):.3f}, "
                 f"− {statistics.mean(by[s, -1]['nested_score'] for s in seeds):.3f}.",
             ]
@@ -330,15 +335,15 @@ def summarize(result: dict[str, Any]) -> str:
                 mean, low, high = t_interval(d)
                 lines.append(
                     f"- {name} − baseline: {mean:+.3f} [{low:+.3f}, {high:+.3f}], {sum(x > 0 for x in d)} / "
-                    f"{len(d)} seeds up, exact Wilcoxon p = {wilcoxon_signed_rank(d)[1]:.4f}"
+                    f"{len(d)} seeds up, exact Wilcoxon p = {p_value(wilcoxon_signed_rank(d)[1])}"
                 )
             n = len(paired)
             nested = {sign: sum(by[s, sign]["nested_score"] > PURE for s in paired) for sign in (1, -1)}
             base = sum(baseline[s] > PURE for s in paired)
-            fisher = {sign: fisher_exact(k, n - k, base, n - base) for sign, k in nested.items()}
+            fisher = {sign: p_value(fisher_exact(k, n - k, base, n - base)) for sign, k in nested.items()}
             lines.append(
                 f"- seeds above {PURE} (pure NESTED): +δ̂ {nested[1]}, −δ̂ {nested[-1]}, baseline {base} of "
-                f"{n}; Fisher exact p against the baseline {fisher[1]:.2f} (+δ̂), {fisher[-1]:.2f} (−δ̂)"
+                f"{n}; Fisher exact p against the baseline {fisher[1]} (+δ̂), {fisher[-1]} (−δ̂)"
             )
     return "\n".join(lines) + "\n"
 
