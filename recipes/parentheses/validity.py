@@ -46,7 +46,7 @@ from recipes.parentheses.sweep import RESULTS
 BAR = 0.99
 NESTED_END = 0.9
 SCORE_BINS = ((0.0, 0.7), (0.7, 0.8), (0.8, 0.9), (0.9, 0.95), (0.95, 1.0))
-EXCLUDED = ("open_choice", "steps1400", "flipped", "close_heavy", "screen")
+EXCLUDED = ("open_choice", "steps1400", "flipped", "close_heavy", "causal_last", "screen")
 
 
 @dataclass(frozen=True)
