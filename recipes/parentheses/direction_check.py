@@ -47,20 +47,20 @@ from lightning_patterning.patterning.solve import solve_log_weights
 from recipes.parentheses.cli import main as cli_main
 from recipes.parentheses.data import ParenthesesDataset, boundary_violations
 from recipes.parentheses.patterning import (
+    PURE_NESTED,
     direction_weights,
-    fisher_exact,
     group_keys,
     group_masses,
     heuristic_weights,
     log_weight_map,
     mean_direction,
+    nested_counts_fisher,
     t_interval,
     wilcoxon_signed_rank,
 )
 from recipes.parentheses.sweep import CONFIGS, QUIET, RESULTS, _bare_argv
 
 BASE = str(CONFIGS / "baseline.yaml")
-PURE = 0.9  # a nested score above it counts as a seed on the NESTED algorithm (Fisher tests)
 
 
 class _StopAt(L.Callback):
@@ -337,13 +337,15 @@ def summarize(result: dict[str, Any]) -> str:
                     f"- {name} − baseline: {mean:+.3f} [{low:+.3f}, {high:+.3f}], {sum(x > 0 for x in d)} / "
                     f"{len(d)} seeds up, exact Wilcoxon p = {p_value(wilcoxon_signed_rank(d)[1])}"
                 )
-            n = len(paired)
-            nested = {sign: sum(by[s, sign]["nested_score"] > PURE for s in paired) for sign in (1, -1)}
-            base = sum(baseline[s] > PURE for s in paired)
-            fisher = {sign: p_value(fisher_exact(k, n - k, base, n - base)) for sign, k in nested.items()}
+            base_scores = [baseline[s] for s in paired]
+            (up, base, p_up), (down, _, p_down) = (
+                nested_counts_fisher([by[s, sign]["nested_score"] for s in paired], base_scores, PURE_NESTED)
+                for sign in (1, -1)
+            )
             lines.append(
-                f"- seeds above {PURE} (pure NESTED): +δ̂ {nested[1]}, −δ̂ {nested[-1]}, baseline {base} of "
-                f"{n}; Fisher exact p against the baseline {fisher[1]} (+δ̂), {fisher[-1]} (−δ̂)"
+                f"- seeds above {PURE_NESTED} (pure NESTED): +δ̂ {up}, −δ̂ {down}, baseline {base} of "
+                f"{len(paired)}; Fisher exact p against the baseline {p_value(p_up)} (+δ̂), "
+                f"{p_value(p_down)} (−δ̂)"
             )
     return "\n".join(lines) + "\n"
 

@@ -378,3 +378,17 @@ def fisher_exact(a: int, b: int, c: int, d: int) -> float:
     observed = prob(a)
     lo, hi = max(0, row1 + col1 - n), min(row1, col1)
     return min(1.0, sum(p for x in range(lo, hi + 1) if (p := prob(x)) <= observed * (1 + 1e-9)))
+
+
+PURE_NESTED = 0.9  # a seed whose nested score is above this is on the NESTED algorithm
+
+
+def nested_counts_fisher(
+    arm: Sequence[float], baseline: Sequence[float], above: float
+) -> tuple[int, int, float]:
+    """Seeds scoring above ``above`` in ``arm`` and in ``baseline`` (paired, same length), and the two-sided
+    Fisher exact p of the 2×2 table (NESTED or not) × (arm or baseline)."""
+    n = len(arm)
+    in_arm = sum(score > above for score in arm)
+    in_baseline = sum(score > above for score in baseline)
+    return in_arm, in_baseline, fisher_exact(in_arm, n - in_arm, in_baseline, n - in_baseline)

@@ -54,7 +54,13 @@ from pathlib import Path
 import torch
 
 from recipes.parentheses.cli import main as cli_main
-from recipes.parentheses.patterning import fisher_exact, group_masses, t_interval, wilcoxon_signed_rank
+from recipes.parentheses.patterning import (
+    PURE_NESTED,
+    group_masses,
+    nested_counts_fisher,
+    t_interval,
+    wilcoxon_signed_rank,
+)
 
 HERE = Path(__file__).parent
 DIRECTION_PAIRS = (
@@ -205,14 +211,14 @@ def summarize(rows: list[dict[str, object]], open_choice: bool) -> str:
     )
     out = [
         "| arm | seeds | nested score mean ± sd | interior nested score | min accuracy | mean accuracy | "
-        "NESTED (>0.9) / EQUAL (<0.1) / hybrid | wall s | overhead |",
+        f"NESTED (>{PURE_NESTED}) / EQUAL (<0.1) / hybrid | wall s | overhead |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for a in arms:
         rs = list(by[a].values())
         ns = [r["nested_score"] for r in rs]
         acc = [r["accuracy"] for r in rs]
-        nested = sum(x > 0.9 for x in ns)
+        nested = sum(x > PURE_NESTED for x in ns)
         equal = sum(x < 0.1 for x in ns)
         t = statistics.mean(r["seconds"] for r in rs)
         out.append(
@@ -222,7 +228,7 @@ def summarize(rows: list[dict[str, object]], open_choice: bool) -> str:
             f"{t:.1f} | {t / base_time:.2f}× |"
         )
     if "baseline" in by:
-        nested_above = 0.9 if open_choice else 0.5  # a seed counts as NESTED above this score
+        nested_above = PURE_NESTED if open_choice else 0.5  # a seed counts as NESTED above this score
         out += [
             "",
             "Paired differences vs baseline (same seeds): nested score of the arm − baseline's; 95 % "
@@ -244,9 +250,11 @@ def summarize(rows: list[dict[str, object]], open_choice: bool) -> str:
             diffs = [by[a][s]["nested_score"] - by["baseline"][s]["nested_score"] for s in seeds]
             mean, low, high = t_interval(diffs)
             w, p = wilcoxon_signed_rank(diffs)
-            na = sum(by[a][s]["nested_score"] > nested_above for s in seeds)
-            nb = sum(by["baseline"][s]["nested_score"] > nested_above for s in seeds)
-            fp = fisher_exact(na, len(seeds) - na, nb, len(seeds) - nb)
+            na, nb, fp = nested_counts_fisher(
+                [by[a][s]["nested_score"] for s in seeds],
+                [by["baseline"][s]["nested_score"] for s in seeds],
+                nested_above,
+            )
             out.append(
                 f"| {a} | {len(seeds)} | {mean:+.3f} [{low:+.3f}, {high:+.3f}] | {w:g} | {p:.4f} | "
                 f"{na}/{len(seeds)} vs {nb}/{len(seeds)} | {fp:.4f} |"
