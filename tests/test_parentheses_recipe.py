@@ -214,7 +214,15 @@ def test_estimate_llc_runs_on_the_vmap_path() -> None:
 
 
 @pytest.mark.parametrize(
-    "config", ["baseline.yaml", "open_choice.yaml", "flipped.yaml", "close_heavy.yaml", "causal_last.yaml"]
+    "config",
+    [
+        "baseline.yaml",
+        "open_choice.yaml",
+        "flipped.yaml",
+        "close_heavy.yaml",
+        "causal_last.yaml",
+        "open_choice_1400steps.yaml",
+    ],
 )
 def test_cli_parses_the_configs(config: str) -> None:
     pytest.importorskip("jsonargparse")
@@ -607,6 +615,14 @@ def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -
     table = summarize({"check": None, "strength": 0.0, "command": "x", "runs": baseline_runs})
     ood_at_3 = f"| 3 | ood_loss | {recorder.rows[-1]['ood_loss']:.4f} |"
     assert "baseline runs" in table and ood_at_3 in table and "+δ̂" not in table
+
+
+def test_trajectory_records_the_last_step_of_any_schedule() -> None:
+    from recipes.parentheses.trajectory import recording_steps
+
+    assert recording_steps(700) == (0, 5, 10, 20, 40, 80, 150, 300, 500, 700)
+    assert recording_steps(1400)[-3:] == (700, 1000, 1400)
+    assert recording_steps(600)[-2:] == (500, 600)
 
 
 def test_trajectory_combine_pools_runs_of_the_same_check(tmp_path: Path, monkeypatch) -> None:

@@ -3,7 +3,7 @@
 ``direction_check`` found that the controlled direction ``δ̂`` estimated at step 10 moves the nested score
 of a full run the opposite way to the linear response's prediction. This check follows runs of a
 ``direction_check`` result's ``±δ̂`` weights and of the baseline (natural weights), seed by seed, and
-records at the steps ``STEPS`` (0, 5, 10, …, 700):
+records at the steps ``STEPS`` (0, 5, 10, …, 700, and on longer schedules 1000 and the last step):
 
 * ``ood_loss``: mean loss of the held-out OOD strings labelled FALSE (the observable the solve lowers
   along ``+δ̂``: lower = more NESTED);
@@ -38,7 +38,14 @@ from recipes.parentheses.model import ParenthesesClassifier, evaluate
 from recipes.parentheses.patterning import log_weight_map, t_interval
 from recipes.parentheses.sweep import RESULTS
 
-STEPS = (0, 5, 10, 20, 40, 80, 150, 300, 500, 700)
+STEPS = (0, 5, 10, 20, 40, 80, 150, 300, 500, 700, 1000)
+
+
+def recording_steps(max_steps: int) -> tuple[int, ...]:
+    """The steps of ``STEPS`` within a run of ``max_steps``, and ``max_steps`` itself (the final score)."""
+    return tuple(sorted({step for step in STEPS if step < max_steps} | {max_steps}))
+
+
 ROUTES = {1: "+δ̂", -1: "−δ̂", 0: "baseline"}
 
 
@@ -87,7 +94,7 @@ def trajectory_run(
     """Train ``seed`` from scratch with group weights ``natural × exp(sign·strength·log_weights)``
     (``sign`` 0: natural) and return the recorder's rows."""
     cli = weighted_cli(base, seed, log_weights, sign, strength)
-    recorder = TrajectoryRecorder(cli.datamodule.datamodule, STEPS)
+    recorder = TrajectoryRecorder(cli.datamodule.datamodule, recording_steps(cli.trainer.max_steps))
     cli.trainer.callbacks.append(recorder)
     cli.trainer.fit(cli.model, cli.datamodule)
     return recorder.rows
