@@ -222,6 +222,7 @@ def test_estimate_llc_runs_on_the_vmap_path() -> None:
         "close_heavy.yaml",
         "causal_last.yaml",
         "open_choice_1400steps.yaml",
+        "open_choice_d128.yaml",
     ],
 )
 def test_cli_parses_the_configs(config: str) -> None:
