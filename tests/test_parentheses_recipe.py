@@ -213,18 +213,7 @@ def test_estimate_llc_runs_on_the_vmap_path() -> None:
     assert via_loader.mode == "vmap" and math.isfinite(via_loader.mean)
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        "baseline.yaml",
-        "open_choice.yaml",
-        "flipped.yaml",
-        "close_heavy.yaml",
-        "causal_last.yaml",
-        "open_choice_1400steps.yaml",
-        "open_choice_d128.yaml",
-    ],
-)
+@pytest.mark.parametrize("config", sorted(path.name for path in CONFIGS.glob("*.yaml")))
 def test_cli_parses_the_configs(config: str) -> None:
     pytest.importorskip("jsonargparse")
     from recipes.parentheses.cli import main
