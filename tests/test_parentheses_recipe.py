@@ -605,6 +605,16 @@ def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -
     table = summarize({"check": None, "strength": 0.0, "command": "x", "runs": baseline_runs})
     ood_at_3 = f"| 3 | ood_loss | {recorder.rows[-1]['ood_loss']:.4f} |"
     assert "baseline runs" in table and ood_at_3 in table and "+δ̂" not in table
+    assert "Window rule" in table
+
+
+def test_the_window_rule_takes_the_last_step_not_yet_correlated_with_the_final_score() -> None:
+    from recipes.parentheses.trajectory import window_step
+
+    assert window_step({5: 0.24, 10: -0.29, 40: -0.37, 80: 0.35, 150: 0.53}) == 40
+    assert window_step({5: 0.1, 40: 0.6, 80: 0.2, 150: 0.9}) == 80
+    assert window_step({5: float("nan"), 10: 0.2, 20: float("nan")}) == 10
+    assert window_step({5: 0.5, 10: 0.9}) is None
 
 
 def test_trajectory_records_the_last_step_of_any_schedule() -> None:

@@ -14,7 +14,8 @@ The susceptibility predicts the *first-order* response of the posterior at the c
 whether the training run's OOD loss follows that prediction early on and when it turns. Writes
 ``results/trajectory_<name>.json`` and ``.md`` (means over seeds, and the paired ``+`` − ``−`` per step).
 Without ``--check`` it follows the baseline runs alone: how early a configuration's algorithm is decided
-(the correlation of each step's nested score with the final one), to choose the checkpoint of an estimate.
+(the correlation of each step's nested score with the final one), to choose the checkpoint of an estimate;
+the report states the step the recipe's window rule gives (``window_step``).
 
     python -m recipes.parentheses.trajectory --check step10_16seeds --seeds 2 3 4 5 6 7 8 9 --name step10
     python -m recipes.parentheses.trajectory --config <config> --seeds 0 1 2 3 --name <config>_window
@@ -108,6 +109,17 @@ def _correlation(a: list[float], b: list[float]) -> float:
         return math.nan
 
 
+WINDOW_THRESHOLD = 0.3
+
+
+def window_step(correlations: dict[int, float], threshold: float = WINDOW_THRESHOLD) -> int | None:
+    """The checkpoint rule of the recipe's estimates: the last recorded step (before the final one) whose
+    nested score correlates with the final score by less than ``threshold`` — the last step at which the
+    algorithm is not yet decided. ``None`` when every step is above it (or undefined)."""
+    open_steps = [step for step, corr in correlations.items() if corr < threshold]
+    return max(open_steps, default=None)
+
+
 def summarize(result: dict[str, Any]) -> str:
     """Markdown: per step, the mean over seeds of each route, the paired ``+`` − ``−`` differences, and
     how well each step's nested score foretells the final one (Pearson correlation across seeds and
@@ -145,10 +157,18 @@ def summarize(result: dict[str, Any]) -> str:
                 f"{mean:+.4f} [{low:+.4f}, {high:+.4f}] |"
             )
     final = [by[key][steps[-1]]["nested_score"] for key in sorted(by)]
+    correlations = {
+        step: _correlation([by[key][step]["nested_score"] for key in sorted(by)], final)
+        for step in steps[1:-1]
+    }
     lines += ["", "| step | corr(nested score at step, final nested score) |", "|---:|---:|"]
-    for step in steps[1:-1]:
-        at_step = [by[key][step]["nested_score"] for key in sorted(by)]
-        lines.append(f"| {step} | {_correlation(at_step, final):+.3f} |")
+    lines += [f"| {step} | {corr:+.3f} |" for step, corr in correlations.items()]
+    window = window_step(correlations)
+    lines += [
+        "",
+        f"Window rule (the last recorded step whose correlation is below {WINDOW_THRESHOLD:+.1f}): "
+        + ("none" if window is None else f"step {window}"),
+    ]
     return "\n".join(lines) + "\n"
 
 
