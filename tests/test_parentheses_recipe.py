@@ -571,6 +571,31 @@ def test_direction_check_summary_counts_pure_nested_seeds_against_the_baseline()
     assert p_value(0.01234) == "0.0123" and p_value(3.14e-5) == "3.1e-05"
 
 
+def test_direction_check_summary_lists_each_pair_of_a_few_estimates() -> None:
+    from recipes.parentheses.direction_check import summarize
+
+    def estimate(seed: int, delta: list[float]) -> dict:
+        return {
+            "seed": seed,
+            "groups": [[0, 2, 0], [1, 1, 0], [1, 2, 0]],
+            "mass": [0.5, 0.3, 0.2],
+            "heuristic_log_ratio": [-0.9, -0.2, 0.2],
+            "chi": [[0.1, 0.2, 0.3], [-0.1, -0.2, -0.3]],
+            "stderr": [[0.01] * 3],
+            "delta": delta,
+            "rows": ["ood", "dyck"],
+        }
+
+    deltas = [[1.0, 2.0, 3.0], [2.0, 4.0, 7.0], [-1.0, -2.0, -3.0]]
+    result = {"command": "x", "strength": 1.5, "runs": [], "estimates": []}
+    table = summarize({**result, "estimates": [estimate(s, d) for s, d in enumerate(deltas)]})
+    assert "- δ of seed 0 vs seed 2: correlation -1.00" in table
+    # corr([1, 2, 3], [2, 4, 7]) = 5 / sqrt(2 · 38/3) = 0.993
+    assert "- δ of seed 0 vs seed 1: correlation +0.99" in table and "mean pairwise correlation" in table
+    table = summarize({**result, "estimates": [estimate(s, deltas[s % 3]) for s in range(5)]})
+    assert "mean pairwise correlation" in table and "δ of seed" not in table
+
+
 def test_trajectory_recorder_records_the_probe_losses_at_the_requested_steps() -> None:
     import lightning as L
 
