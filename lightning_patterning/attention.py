@@ -1,4 +1,5 @@
-"""One weight-restricted observable per attention head (SCIENCE.md §3, §5).
+"""One weight-restricted observable per attention head (Baker et al. 2025, arXiv 2504.18274;
+docs/concepts/susceptibilities.md).
 
 ``head_restrictions(model)`` finds the attention layers of a model and returns one
 ``lp.observables.Restricted`` per head, named ``l{layer}h{head}``, whose per-entry masks select that

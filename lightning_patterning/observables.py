@@ -1,4 +1,5 @@
-"""Observables φ(w) whose posterior means μ = ⟨φ⟩ are the structural coordinates (SCIENCE.md §3).
+"""Observables φ(w) whose posterior means μ = ⟨φ⟩ are the structural coordinates
+(docs/concepts/susceptibilities.md).
 
 Each observable is a small class with typed ``__init__`` arguments, so LightningCLI YAML can build it
 (``class_path: lightning_patterning.observables.ProbeLoss``); none needs a lambda.

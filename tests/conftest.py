@@ -3,7 +3,7 @@
 With per-sample squared error the loss is an exact quadratic in (weight, bias), so at the least-squares
 solution the localized tempered posterior (localization 0) is Gaussian and, for any nβ,
 ``E[nβ·(L(w) − L(w*))] = (number of sampled parameters) / 2``: 5.5 for all 11 parameters, 5.0 for the
-10 weights, 0.5 for the bias (SCIENCE.md §2).
+10 weights, 0.5 for the bias (docs/concepts/llc.md).
 """
 
 from __future__ import annotations

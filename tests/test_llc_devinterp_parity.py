@@ -1,6 +1,6 @@
 """Parity with the reference implementation: devinterp 2.0.1 ``devinterp.slt.llc.llc`` and
 ``lp.estimate_llc`` run the same sampler on the same model and data and must agree within Monte-Carlo
-error (SCIENCE.md §2, NOTES-devinterp.md)."""
+error (docs/concepts/llc.md)."""
 
 from __future__ import annotations
 

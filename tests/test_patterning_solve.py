@@ -1,5 +1,5 @@
 """The log-weight solve against its first-order definition, checked by finite differences through the
-multiplicative weight update (SCIENCE.md §4), and the update's treatment of small groups."""
+multiplicative weight update (docs/concepts/patterning.md), and the update's treatment of small groups."""
 
 from __future__ import annotations
 

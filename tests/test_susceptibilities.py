@@ -1,4 +1,5 @@
-"""estimate_susceptibilities against ground truths (SCIENCE.md §3-4).
+"""estimate_susceptibilities against ground truths (docs/concepts/susceptibilities.md,
+docs/concepts/patterning.md).
 
 1. Linear response: on a two-source regression mixture, ``nβ·χ_A`` (the estimator's group column for
    source A) equals the finite-difference derivative of the posterior mean of a probe loss when the data
@@ -261,7 +262,8 @@ def test_linear_response_matches_finite_difference(mixture: Mixture, mixture_chi
 
 
 def test_own_source_has_negative_susceptibility(mixture_chi: Susceptibilities) -> None:
-    """Up-weighting a source lowers the loss on that source's held-out data: χ < 0 (SCIENCE.md §3)."""
+    """Up-weighting a source lowers the loss on that source's held-out data: χ < 0
+    (docs/concepts/susceptibilities.md)."""
     chi = dict(zip(mixture_chi.names, mixture_chi.matrix, strict=True))
     se = dict(zip(mixture_chi.names, mixture_chi.stderr, strict=True))
     a, b = mixture_chi.group_names.index("A"), mixture_chi.group_names.index("B")

@@ -28,7 +28,8 @@ class LLCCallback(EstimationCallback):
     ``sgld/{name}/localization_norm``, ``sgld/{name}/seconds``; the chain traces as a TensorBoard figure
     ``{name}/traces``. The same scalars go to ``trainer.callback_metrics`` (for checkpoint monitors).
 
-    Estimation never changes training (DESIGN.md): it works on a snapshot of the parameters, restores
+    Estimation never changes training (docs/concepts/isolation.md): it works on a snapshot of the
+    parameters, restores
     train/eval flags, never touches gradients, buffers, optimizer state or the global RNG. Under DDP the
     chains are split over ranks (chain ``c`` on rank ``c mod world``) and every rank ends with the same
     estimate.

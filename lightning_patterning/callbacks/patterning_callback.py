@@ -1,8 +1,8 @@
 """``PatterningCallback``: re-weight the training data online by inverting the linear response.
 
 At each scheduled step: estimate ``χ`` at the current weights (the susceptibility machinery), turn the
-target into ``dμ``, solve ``dh = χ†·dμ`` (SCIENCE.md §4; for the multiplicative rule in log-weight
-coordinates, ``solve_log_weights``), update the sampler's weights, and log the
+target into ``dμ``, solve ``dh = χ†·dμ`` (docs/concepts/patterning.md; for the multiplicative rule in
+log-weight coordinates, ``solve_log_weights``), update the sampler's weights, and log the
 prediction ``dμ_pred = nβ·χ·Δm`` (``Δm``: change of the probability mass of each column) next to the change
 of ``μ`` realized by the next estimate (the closed-loop check; it also contains ordinary training drift).
 """

@@ -22,7 +22,8 @@ from lightning_patterning.sgld.functional import LossFn
 
 
 class SusceptibilityCallback(EstimationCallback):
-    """Estimates ``χ`` [observables × probe samples or groups] on a schedule (SCIENCE.md §3).
+    """Estimates ``χ`` [observables × probe samples or groups] on a schedule
+    (docs/concepts/susceptibilities.md).
 
     Logged at ``trainer.global_step``: ``susceptibility/mu/{observable}`` (posterior means),
     ``susceptibility/abs_mean/{observable}`` and ``susceptibility/stderr_mean/{observable}`` (row summaries),

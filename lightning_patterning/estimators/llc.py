@@ -1,4 +1,4 @@
-"""The local learning coefficient (LLC) from localized SGLD chains (SCIENCE.md §2).
+"""The local learning coefficient (LLC) from localized SGLD chains (docs/concepts/llc.md).
 
 Per chain, with draws ``w_1 … w_T`` and their minibatches ``B_t``:
 

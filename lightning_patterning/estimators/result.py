@@ -18,7 +18,8 @@ VERSION = 1
 class Susceptibilities:
     """A susceptibility matrix ``χ`` [k observables × N probe samples, or G groups].
 
-    Convention (one place, SCIENCE.md §3): ``matrix = χ = −Cov[φ, ℓ_z − L] = (1/nβ)·∂⟨φ⟩/∂h``; the raw
+    Convention (one place, docs/concepts/susceptibilities.md):
+    ``matrix = χ = −Cov[φ, ℓ_z − L] = (1/nβ)·∂⟨φ⟩/∂h``; the raw
     Jacobian is ``nβ·matrix`` (``jacobian()``). Rows of ``Restricted`` observables carry devinterp's
     two-chain estimate, which is ``χ`` times an unknown positive per-row factor: compare them after
     standardizing rows (``standardized()``, ``pca()``).

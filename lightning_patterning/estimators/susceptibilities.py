@@ -1,4 +1,5 @@
-"""Susceptibilities: how posterior expectations of observables respond to shifts of the data (SCIENCE.md §3).
+"""Susceptibilities: how posterior expectations of observables respond to shifts of the data
+(docs/concepts/susceptibilities.md).
 
 For a probe sample z and an observable φ, with ``L`` the loss on a fixed set of training batches,
 

@@ -1,4 +1,4 @@
-"""Patterning: invert the linear response to choose data weights (SCIENCE.md §4)."""
+"""Patterning: invert the linear response to choose data weights (docs/concepts/patterning.md)."""
 
 from lightning_patterning.patterning.solve import solve_intervention, solve_log_weights
 

@@ -1,6 +1,7 @@
 """The minimum-norm data intervention for a desired change of the structural coordinates.
 
-Linear response ``dμ = χ·dh`` (SCIENCE.md §4); the minimum-norm ``dh`` that produces ``dμ_target`` is
+Linear response ``dμ = χ·dh`` (docs/concepts/patterning.md); the minimum-norm ``dh`` that produces
+``dμ_target`` is
 
     dh = χ† · dμ_target
 

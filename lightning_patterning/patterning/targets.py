@@ -1,4 +1,4 @@
-"""Patterning targets: the desired change ``dμ`` of the structural coordinates (SCIENCE.md §4).
+"""Patterning targets: the desired change ``dμ`` of the structural coordinates (docs/concepts/patterning.md).
 
 Each target turns the latest estimate into the matrix to invert and the right-hand side ``dμ``:
 

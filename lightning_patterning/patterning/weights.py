@@ -1,4 +1,5 @@
-"""From an intervention ``dh`` to sampling weights ``ρ`` (mean 1 over the data axis), SCIENCE.md §4.
+"""From an intervention ``dh`` to sampling weights ``ρ`` (mean 1 over the data axis;
+docs/concepts/patterning.md).
 
     s   = dh − mean(dh)                        (mass is preserved)
     ŝ   = s / max|s|                           (the linear theory gives the direction, not the size)

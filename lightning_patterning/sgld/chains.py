@@ -1,13 +1,15 @@
 """The chain engine: localized SGLD chains from a snapshot of the current parameters.
 
 All chains start at ``w*`` and take devinterp's ``SGMCMC.sgld`` / ``SGMCMC.rmsprop_sgld`` step
-(SCIENCE.md §1) with noise from a private ``torch.Generator``. In ``"vmap"`` mode the sampled parameters
+(docs/concepts/llc.md) with noise from a private ``torch.Generator``. In ``"vmap"`` mode the sampled
+parameters
 are stacked along a leading chain dimension and one ``torch.func.functional_call`` + ``vmap``
 forward/backward serves every chain (the SGMCMC update is elementwise, so it applies unchanged to the
 stacked tensors). ``"sequential"`` mode keeps one parameter copy and one optimizer per chain and steps them
 in lockstep, for modules that cannot be vmapped.
 
-Isolation (DESIGN.md): the live module's parameters are only read (detached); the chains own their
+Isolation (docs/concepts/isolation.md): the live module's parameters are only read (detached); the
+chains own their
 copies; forwards run in eval mode (restored afterwards) so BatchNorm statistics never change; all
 randomness comes from private generators.
 """

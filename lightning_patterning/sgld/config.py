@@ -1,4 +1,4 @@
-"""Configuration of a localized SGLD run (SCIENCE.md §1)."""
+"""Configuration of a localized SGLD run (docs/concepts/llc.md)."""
 
 from __future__ import annotations
 

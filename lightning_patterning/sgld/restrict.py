@@ -1,4 +1,4 @@
-"""Weight restrictions: which parameter entries a chain may move (SCIENCE.md §1).
+"""Weight restrictions: which parameter entries a chain may move (docs/concepts/llc.md).
 
 A restriction to a component C sets ``mask = 1`` on C's entries and ``0`` elsewhere; everything outside C
 stays at ``w*``. Parameters that are entirely outside C are not sampled at all (no copies, no weight

@@ -1,4 +1,5 @@
-"""A small attention-only transformer language model for the induction-circuit recipe (SCIENCE.md §5).
+"""A small attention-only transformer language model for the induction-circuit recipe
+(Wang & Murfet 2026, arXiv 2601.13548).
 
 As in Olsson et al. ("In-context Learning and Induction Heads", 2022) and the susceptibility papers, the
 model has no MLPs: token + learned positional embedding, ``n_layers`` residual blocks

@@ -1,4 +1,5 @@
-"""Data for the balanced-parentheses recipe (SCIENCE.md §5), generated on the fly from a seed.
+"""Data for the balanced-parentheses recipe (Wang & Murfet 2026, arXiv 2601.13548),
+generated on the fly from a seed.
 
 Strings are over ``"("`` and ``")"``. A string's *running depth* after ``t`` characters is
 ``#"(" − #")"`` among them.

@@ -1,4 +1,5 @@
-"""A small transformer encoder that classifies parenthesis strings as balanced or not (SCIENCE.md §5).
+"""A small transformer encoder that classifies parenthesis strings as balanced or not
+(Wang & Murfet 2026, arXiv 2601.13548).
 
 Architecture: token + learned positional embedding, ``n_layers`` pre-LayerNorm blocks
 ``x = x + attn(LN(x)); x = x + mlp(LN(x))`` with bidirectional attention over the non-padding
