@@ -1,29 +1,21 @@
-"""Patterning pieces of the parentheses recipe: data axis, weights, callbacks, reference solutions, stats.
+"""Patterning pieces of the parentheses recipe: the data axis, fixed weights and the online arm.
 
 * **Data axis.** ``group_keys`` puts every training string in a group: TRUE strings by (max depth, capped
   at 6) × length bucket, FALSE strings by (count imbalance, capped at 8) × length bucket (lengths ≤ 8,
-  10–14, 16–20) — about 30 groups. ``Sampling`` (the CLI's ``sampling:`` section) wraps the data in
-  ``lp.PatterningDataModule(groups=...)`` with starting weights = the groups' sizes (natural mass), or
-  per-sample ``heuristic_weights`` (optionally ``class_balanced``).
+  10–14, 16–20) — about 20–30 groups. ``Sampling`` (the CLI's ``sampling:`` section) wraps the data in
+  ``lp.PatterningDataModule(groups=...)`` with starting weights = the groups' sizes (natural mass),
+  natural mass × exp(strength·δ̂) along a saved direction (one-off patterning), or per-sample
+  ``heuristic_weights`` (optionally ``class_balanced``).
 * **Online arms.** ``ProbePatterning`` is ``lp.PatterningCallback`` with the observable
   ``ProbeLoss("ood_nested", data.ood_probe_nested)`` (held-out OOD strings labelled FALSE, NESTED's
   answer) and the target ``Shift({"ood_nested": shift})``: ``shift = −1`` lowers that loss (favours
   NESTED), ``shift = +1`` raises it (favours EQUAL-COUNT). The probe data comes from the datamodule at
   ``setup``, so YAML only names it.
-* **LLC route.** ``train_reference`` trains on the training set plus extra OOD-type strings labelled by
-  one algorithm; ``delta_chi`` builds the one-row ``Susceptibilities`` ``Δχ = χ(λ_NESTED) − χ(λ_EQUAL)``.
-  Sign convention: ``χ = (1/nβ)·∂⟨φ⟩/∂h``, so ``Shift({"llc": −1})`` gives ``dh ∝ −Δχ``: it up-weights the
-  groups whose up-weighting lowers the LLC at the NESTED reference relative to the EQUAL-COUNT one — a
-  lower LLC means a lower Bayesian free energy, i.e. NESTED becomes relatively preferred.
-* **Statistics** (no scipy needed): ``t_interval`` (paired mean difference, 95 % t-interval),
-  ``wilcoxon_signed_rank`` (exact two-sided p by dynamic programming over the signed-rank distribution,
-  mid-ranks for ties, zero differences dropped), ``fisher_exact`` (two-sided, 2×2).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +26,6 @@ from torch.utils.data import TensorDataset
 
 import lightning_patterning as lp
 from lightning_patterning.callbacks.patterning_callback import SolveCoordinates
-from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.observables import ProbeLoss
 from lightning_patterning.sgld.config import SGLDConfig
 from recipes.parentheses.data import ParenthesesData, ParenthesesDataset, count_imbalance, max_depth
@@ -256,139 +247,3 @@ class ProbePatterning(lp.PatterningCallback):
         for observable, attribute in zip(self.observables, self.probe_attributes, strict=True):
             observable.data = getattr(trainer.datamodule, attribute)
         super().setup(trainer, pl_module, stage)
-
-
-# ----------------------------------------------------------------------------------------------------
-# LLC route: reference solutions and Δχ
-
-
-def reference_set(data: ParenthesesData, algorithm: str, n_extra: int) -> ParenthesesDataset:
-    """The training set plus ``n_extra`` OOD-type strings (disjoint from the OOD test set), labelled
-    FALSE (``algorithm="nested"``) or TRUE (``"equal"``)."""
-    if algorithm not in ("nested", "equal"):
-        raise ValueError(f"algorithm must be 'nested' or 'equal', got {algorithm!r}")
-    extra = data._ood(n_extra, "ood_reference", exclude=data.ood_test.tokens)
-    label = 0 if algorithm == "nested" else 1
-    train = data.train_set
-    return ParenthesesDataset(
-        torch.cat([train.tokens, extra]),
-        torch.cat([train.labels, torch.full((len(extra),), label, dtype=torch.long)]),
-    )
-
-
-def delta_chi(nested: Susceptibilities, equal: Susceptibilities) -> Susceptibilities:
-    """One-row ``Susceptibilities``: ``χ(λ_NESTED) − χ(λ_EQUAL)`` (the ``llc`` rows; same columns)."""
-    if nested.columns != equal.columns:
-        raise ValueError("the two estimates must have the same columns (same probe and groups)")
-    row_n, row_e = nested.names.index("llc"), equal.names.index("llc")
-    matrix = (nested.matrix[row_n] - equal.matrix[row_e])[None]
-    stderr = torch.sqrt(nested.stderr[row_n] ** 2 + equal.stderr[row_e] ** 2)[None]
-    mu = (nested.mu[row_n] - equal.mu[row_e]).reshape(1)
-    diverged = {f"nested/{k}": v for k, v in nested.diverged_chains.items()}
-    diverged.update({f"equal/{k}": v for k, v in equal.diverged_chains.items()})
-    return Susceptibilities(
-        matrix=matrix,
-        stderr=stderr,
-        mu=mu,
-        names=["llc"],
-        kinds=[nested.kinds[row_n]],
-        sample_ids=nested.sample_ids.clone(),
-        group_names=None if nested.group_names is None else list(nested.group_names),
-        group_index=None if nested.group_index is None else nested.group_index.clone(),
-        nbeta=nested.nbeta,
-        center_loss=nested.center_loss - equal.center_loss,
-        diverged_chains=diverged,
-        config=dict(nested.config),
-        metadata={
-            "what": "delta chi = chi(LLC at NESTED reference) - chi(LLC at EQUAL-COUNT reference)",
-            "llc_nested": float(nested.mu[row_n]),
-            "llc_equal": float(equal.mu[row_e]),
-        },
-    )
-
-
-# ----------------------------------------------------------------------------------------------------
-# Statistics
-
-_T975 = [
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-]  # fmt: skip
-
-
-def t_quantile_975(df: int) -> float:
-    """0.975 quantile of Student's t with ``df`` degrees of freedom (table to 30, then 1.96 + 2.4/df)."""
-    if df < 1:
-        return math.nan
-    return _T975[df - 1] if df <= 30 else 1.959964 + 2.4 / df
-
-
-def t_interval(differences: Sequence[float]) -> tuple[float, float, float]:
-    """Mean of ``differences`` and its 95 % t-interval ``(mean, low, high)`` (NaN bounds for n < 2)."""
-    n = len(differences)
-    mean = sum(differences) / n
-    if n < 2:
-        return mean, math.nan, math.nan
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
-    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    return mean, mean - half, mean + half
-
-
-def wilcoxon_signed_rank(differences: Sequence[float]) -> tuple[float, float]:
-    """``(W+, two-sided exact p)`` of the Wilcoxon signed-rank test (zeros dropped, mid-ranks for ties).
-
-    The null distribution of ``W+`` (each rank's sign ± with probability ½) is enumerated exactly by
-    dynamic programming over doubled (integer) ranks; fine for any n used here. p = 1 when no non-zero
-    differences remain.
-    """
-    d = [x for x in differences if x != 0]
-    if not d:
-        return 0.0, 1.0
-    order = sorted(range(len(d)), key=lambda i: abs(d[i]))
-    ranks2 = [0] * len(d)  # 2 × mid-rank
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and abs(d[order[j + 1]]) == abs(d[order[i]]):
-            j += 1
-        for k in range(i, j + 1):
-            ranks2[order[k]] = i + j + 2  # (i+1 + j+1) = 2 × mid-rank
-        i = j + 1
-    w2 = sum(r for r, x in zip(ranks2, d, strict=True) if x > 0)
-    counts = {0: 1}
-    for r in ranks2:
-        new: dict[int, int] = dict(counts)
-        for s, c in counts.items():
-            new[s + r] = new.get(s + r, 0) + c
-        counts = new
-    n_all = 2 ** len(d)
-    low = sum(c for s, c in counts.items() if s <= w2) / n_all
-    high = sum(c for s, c in counts.items() if s >= w2) / n_all
-    return w2 / 2, min(1.0, 2 * min(low, high))
-
-
-def fisher_exact(a: int, b: int, c: int, d: int) -> float:
-    """Two-sided Fisher exact p of the 2×2 table ``[[a, b], [c, d]]`` (tables no more likely than it)."""
-    row1, col1, n = a + b, a + c, a + b + c + d
-
-    def prob(x: int) -> float:
-        return math.comb(col1, x) * math.comb(n - col1, row1 - x) / math.comb(n, row1)
-
-    observed = prob(a)
-    lo, hi = max(0, row1 + col1 - n), min(row1, col1)
-    return min(1.0, sum(p for x in range(lo, hi + 1) if (p := prob(x)) <= observed * (1 + 1e-9)))
-
-
-PURE_NESTED = 0.9  # a seed whose nested score is above this is on the NESTED algorithm
-
-
-def nested_counts_fisher(
-    arm: Sequence[float], baseline: Sequence[float], above: float
-) -> tuple[int, int, float]:
-    """Seeds scoring above ``above`` in ``arm`` and in ``baseline`` (paired, same length), and the two-sided
-    Fisher exact p of the 2×2 table (NESTED or not) × (arm or baseline)."""
-    n = len(arm)
-    in_arm = sum(score > above for score in arm)
-    in_baseline = sum(score > above for score in baseline)
-    return in_arm, in_baseline, fisher_exact(in_arm, n - in_arm, in_baseline, n - in_baseline)
