@@ -1,7 +1,8 @@
 # lightning_patterning — developer commands.
-#   make demo   main job: build .venv, run the parentheses recipe's quick sweep (3 seeds × 6 arms in
-#               2 processes, ~6 min on 2 cores), print its table; results in runs/parentheses-quick/,
-#               TensorBoard logs in lightning_logs/
+#   make demo   main job: build .venv, then train the parentheses recipe on 3 seeds × 3 arms (natural
+#               weights, toward NESTED, toward EQUAL-COUNT) plus one online-patterning run, 2 at a
+#               time (~3 min on 2 cores); prints what moved; results, figure, TensorBoard logs and a
+#               report in runs/demo/
 #   make llc-demo  a one-minute LLCCallback demo on a teacher-student MLP
 #   make test   ruff + default pytest suite (slow tests excluded) + strict docs build
 
@@ -42,7 +43,7 @@ test: venv
 	$(BIN)/mkdocs build --strict -d site
 
 demo: venv
-	$(BIN)/python -m recipes.parentheses.sweep --quick --jobs 2 --results-dir runs/parentheses-quick
+	$(BIN)/python -m recipes.parentheses.demo --out runs/demo --jobs 2
 
 llc-demo: venv
 	$(BIN)/python -m recipes.demo

@@ -1,4 +1,4 @@
-"""``python -m recipes.parentheses fit --config recipes/parentheses/configs/baseline.yaml``.
+"""``python -m recipes.parentheses fit --config recipes/parentheses/configs/base.yaml``.
 
 Torch uses ``PARENTHESES_THREADS`` intra-op threads (default 1: the model is tiny, and more threads only
 add synchronization on a shared CPU).

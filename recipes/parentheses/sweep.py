@@ -137,6 +137,29 @@ def _run_job(threads: int, kwargs: dict, job: tuple[str, int]) -> dict[str, obje
     return train_run(arm=job[0], seed=job[1], **kwargs)
 
 
+def run_jobs(
+    jobs: Sequence[tuple[str, int]], kwargs: dict, threads: int = 1, processes: int = 1
+) -> Iterator[dict[str, object]]:
+    """Run ``train_run(arm=…, seed=…, **kwargs)`` for every ``(arm, seed)``, ``processes`` at a time (spawned
+    workers when more than one), yielding each row as it finishes and printing a line for it."""
+    runs = [partial(_run_job, threads, kwargs, job) for job in jobs]
+    with contextlib.ExitStack() as stack:
+        if processes > 1:  # spawned workers (no forked torch state); they inherit PYTHONWARNINGS
+            pool = stack.enter_context(ProcessPoolExecutor(processes, mp_context=get_context("spawn")))
+            # On an error, drop the queued runs instead of finishing them all before the error surfaces.
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+            results = (f.result() for f in as_completed([pool.submit(run) for run in runs]))
+        else:
+            results = (run() for run in runs)
+        for row in results:
+            print(
+                f"[sweep] {row['arm']:>14} seed {row['seed']:>2}: nested score {row['nested_score']:.3f}, "
+                f"accuracy {row['accuracy']:.4f}, {row['seconds']:.1f} s",
+                flush=True,
+            )
+            yield row
+
+
 def read_rows(path: Path) -> list[dict[str, object]]:
     if not path.exists():
         return []
@@ -234,23 +257,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, object]]:
         validate=args.validate,
         log_dir=args.log_dir,
     )
-    runs = (partial(_run_job, args.threads, kwargs, job) for job in todo)
-    with contextlib.ExitStack() as stack:
-        if args.jobs > 1:  # spawned workers (no forked torch state); they inherit PYTHONWARNINGS
-            pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")))
-            # On an error, drop the queued runs instead of finishing them all before the error surfaces.
-            stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-            results = (f.result() for f in as_completed([pool.submit(run) for run in runs]))
-        else:
-            results = (run() for run in runs)
-        for row in results:
-            rows.append(row)
-            print(
-                f"[sweep] {row['arm']:>14} seed {row['seed']:>2}: nested score {row['nested_score']:.3f}, "
-                f"accuracy {row['accuracy']:.4f}, {row['seconds']:.1f} s",
-                flush=True,
-            )
-            write_csv(rows, csv_path)
+    for row in run_jobs(todo, kwargs, args.threads, args.jobs):
+        rows.append(row)
+        write_csv(rows, csv_path)
     summary = write_md(rows, md_path, command, args.nested_above, args.jobs)
     plot_scores(rows, md_path.with_suffix(".png"))
     print(summary)

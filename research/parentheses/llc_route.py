@@ -15,8 +15,8 @@
 target=Shift({"llc": -1.0}))``: ``dh ∝ −Δχ`` (χ = (1/nβ)·∂⟨φ⟩/∂h), i.e. up-weight the groups that lower
 the LLC at NESTED relative to EQUAL-COUNT (lower LLC → lower free energy → NESTED preferred).
 
-    python -m research.parentheses.llc_route --config recipes/parentheses/configs/baseline.yaml
-    python -m research.parentheses.llc_route --config recipes/parentheses/configs/open_choice.yaml \
+    python -m research.parentheses.llc_route --config baseline
+    python -m research.parentheses.llc_route --config open_choice \
         --calibrate localization=300 nbeta=30,100,300,1000,3000
 """
 

@@ -14,7 +14,7 @@ every seed) and ``.md`` (the command, the resolved configuration, the per-seed t
 
 Usage:
 
-    python -m research.parentheses.study_baseline --config recipes/parentheses/configs/baseline.yaml \
+    python -m research.parentheses.study_baseline --config baseline \
         --seeds 16 [--name NAME] [--set model.d_model=32 --set data.n_train=5000 ...]
 """
 
