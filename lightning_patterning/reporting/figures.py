@@ -11,6 +11,9 @@ from matplotlib.figure import Figure
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.reporting.events import Histogram, Series
 
+MIN_EXPLAINED = 0.01
+"""A principal component carrying less than this fraction of the variance is not drawn."""
+
 
 def new_figure(width: float, height: float) -> Figure:
     """A figure with an Agg canvas of its own (nothing global is touched)."""
@@ -96,15 +99,17 @@ def susceptibility_matrix(chi: Susceptibilities, title: str) -> Figure:
 
 def principal_components(chi: Susceptibilities, title: str) -> Figure | None:
     """Data loadings on PC1 and PC2 of the standardized χ, coloured by group when the columns are samples
-    with groups; ``None`` when χ has fewer than two non-zero components or fewer than three columns."""
+    with groups; ``None`` when χ has fewer than three columns or PC2 carries less than ``MIN_EXPLAINED``
+    of the variance (its loadings would be noise)."""
     _, s, v = chi.pca()
-    if int((s > 0).sum()) < 2 or v.shape[0] < 3:
-        return None
     explained = chi.explained_variance()
+    if int((s > 0).sum()) < 2 or v.shape[0] < 3 or float(explained[1]) < MIN_EXPLAINED:
+        return None
     figure = new_figure(4.6, 4.2)
     axis = figure.add_subplot()
     colours = chi.group_index.tolist() if chi.group_index is not None and chi.group_names is None else None
-    points = axis.scatter(v[:, 0].numpy(), v[:, 1].numpy(), s=10, c=colours, cmap="tab10")
+    style = {"c": colours, "cmap": "tab10"} if colours is not None else {}
+    points = axis.scatter(v[:, 0].numpy(), v[:, 1].numpy(), s=10, **style)
     if chi.group_names is not None and len(chi.columns) <= 40:
         for label, x, y in zip(chi.columns, v[:, 0].tolist(), v[:, 1].tolist(), strict=True):
             axis.annotate(label, (x, y), fontsize=6)

@@ -60,7 +60,7 @@ What ran: a small transformer learns to tell balanced parenthesis strings from u
 fit its training data: NESTED (the true one) and EQUAL-COUNT (as many '(' as ')'). Seeds {seeds} were
 trained from scratch three ways: natural training weights (baseline), and the training groups
 re-weighted once, before training, along a direction measured with susceptibilities toward NESTED
-(nested) or toward EQUAL-COUNT (equal). One more run re-weights online, re-estimating every 150 steps.
+(nested) or toward EQUAL-COUNT (equal). One more run re-weights online, re-estimating every 175 steps.
 
 What moved: the nested score, the fraction of equal-count but unbalanced strings (never trained on) that
 the model rejects: 1 = it learned NESTED, 0 = EQUAL-COUNT.
