@@ -1,0 +1,96 @@
+"""A toy next-token language model and data for the tokens-as-samples tests.
+
+Sequences are drawn from a Markov chain over a small vocabulary and padded to a common length; a batch is
+``(tokens [B, T + 1], lengths [B])``, and position ``t`` (predicting token ``t + 1``) is a sample when
+``t + 1 < length``. The model is an embedding through a narrow bottleneck and a linear read-out, so it
+must trade the fit of some transitions against others.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+VOCAB = 8
+
+
+class ToyLM(nn.Module):
+    """``logits_t = W·E[x_t] + b`` with an embedding of width ``dim`` (a bigram model with a bottleneck)."""
+
+    def __init__(self, vocab: int = VOCAB, dim: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.unembed = nn.Linear(dim, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.embed(tokens))
+
+
+def per_token_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """Cross entropy ``[B, T]`` of predicting token ``t + 1`` (padding positions included)."""
+    tokens = batch[0]
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
+        tokens.shape[0], -1
+    )
+
+
+def valid_positions(batch: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, T]`` True where the predicted token ``t + 1`` lies inside the sequence's length."""
+    tokens, lengths = batch[0], batch[1]
+    return torch.arange(1, tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+
+
+def masked_token_loss(model: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loss_fn`` for tokens as samples: ``(per-token losses [B, T], valid positions [B, T])``."""
+    return per_token_loss(model, batch), valid_positions(batch)
+
+
+def token_class(batch: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, T]`` pattern class of each position: 1 when the current token is in the lower half of the
+    vocabulary, else 0."""
+    return (batch[0][:, :-1] < VOCAB // 2).long()
+
+
+def markov_sequences(n: int, length: int, seed: int, min_length: int | None = None) -> TensorDataset:
+    """``n`` sequences of up to ``length`` tokens from a fixed random Markov chain (sharp transitions),
+    with lengths uniform in ``[min_length, length]`` (``None``: all full) and padding token 0."""
+    chain = torch.Generator().manual_seed(1234)
+    transitions = torch.softmax(3.0 * torch.randn(VOCAB, VOCAB, generator=chain), dim=1)
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.zeros(n, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(VOCAB, (n,), generator=generator)
+    for t in range(1, length):
+        tokens[:, t] = torch.multinomial(transitions[tokens[:, t - 1]], 1, generator=generator).squeeze(1)
+    if min_length is None:
+        lengths = torch.full((n,), length)
+    else:
+        lengths = torch.randint(min_length, length + 1, (n,), generator=generator)
+    tokens[torch.arange(length)[None, :] >= lengths[:, None]] = 0
+    return TensorDataset(tokens, lengths)
+
+
+class FlatTokens(Dataset):
+    """Each valid position of ``sequences`` as a sample of its own: item = ``(tokens [T + 1], position)``,
+    in row-major order (sequence, then position)."""
+
+    def __init__(self, sequences: TensorDataset) -> None:
+        self.tokens, lengths = sequences.tensors
+        mask = valid_positions([self.tokens, lengths])
+        self.where = torch.nonzero(mask)
+        self.sequence = self.where[:, 0]
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n, t = self.where[index]
+        return self.tokens[n], t
+
+
+def flat_token_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor:
+    """``loss_fn`` of ``FlatTokens``: the loss of each sample's own position, ``[B]``."""
+    tokens, position = batch
+    return per_token_loss(model, [tokens]).gather(1, position[:, None]).squeeze(1)
