@@ -8,10 +8,15 @@ must trade the fit of some transitions against others.
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning as L
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+import lightning_patterning as lp
 
 VOCAB = 8
 
@@ -94,3 +99,44 @@ def flat_token_loss(model: nn.Module, batch: list[torch.Tensor]) -> torch.Tensor
     """``loss_fn`` of ``FlatTokens``: the loss of each sample's own position, ``[B]``."""
     tokens, position = batch
     return per_token_loss(model, [tokens]).gather(1, position[:, None]).squeeze(1)
+
+
+class ToyLMModule(L.LightningModule):
+    """The toy LM in Lightning: ``per_sample_loss`` returns ``(losses [B, T], mask)`` (tokens as samples)
+    and ``training_step`` is the one line of per-token patterning, ``lp.weighted_loss``."""
+
+    def __init__(self, lr: float = 0.05, dim: int = 2) -> None:
+        super().__init__()
+        self.lr = lr
+        self.model = ToyLM(dim=dim)
+        self.applied: list[list[float]] = []  # class weights in effect at each training step
+
+    def per_sample_loss(self, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return masked_token_loss(self.model, batch)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        rule = self.trainer.datamodule.token_rule
+        self.applied.append(rule.class_weights.tolist())
+        return lp.weighted_loss(self.per_sample_loss(batch), batch, self)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class MarkovData(L.LightningDataModule):
+    """Full-length Markov sequences, shuffled batches of 16."""
+
+    def __init__(self, n: int = 256, length: int = 17, seed: int = 0, batch_size: int = 16) -> None:
+        super().__init__()
+        self.train = markov_sequences(n, length, seed)
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=True)
+
+
+def token_datamodule(seed: int = 0, **kwargs: Any) -> lp.PatterningDataModule:
+    """``MarkovData`` wrapped with the token rule of ``token_class`` (2 classes)."""
+    return lp.PatterningDataModule(
+        MarkovData(seed=seed, **kwargs), token_classes=token_class, num_token_classes=2, seed=seed
+    )

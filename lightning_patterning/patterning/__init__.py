@@ -1,5 +1,22 @@
 """Patterning: invert the linear response to choose data weights (docs/concepts/patterning.md)."""
 
 from lightning_patterning.patterning.solve import solve_intervention, solve_log_weights
+from lightning_patterning.patterning.tokens import (
+    TokenWeightRule,
+    class_means,
+    heldout_correlation,
+    solve_token_dh,
+    token_patterning_step,
+    weighted_mean,
+)
 
-__all__ = ["solve_intervention", "solve_log_weights"]
+__all__ = [
+    "TokenWeightRule",
+    "class_means",
+    "heldout_correlation",
+    "solve_intervention",
+    "solve_log_weights",
+    "solve_token_dh",
+    "token_patterning_step",
+    "weighted_mean",
+]
