@@ -9,9 +9,11 @@ from lightning_patterning.patterning.tokens import (
     token_patterning_step,
     weighted_mean,
 )
+from lightning_patterning.patterning.weights import WeightUpdate
 
 __all__ = [
     "TokenWeightRule",
+    "WeightUpdate",
     "class_means",
     "heldout_correlation",
     "solve_intervention",

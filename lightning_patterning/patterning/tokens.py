@@ -250,7 +250,8 @@ def token_patterning_step(
         update: the weight-update settings (strength, multiplicative or additive, ...).
         coordinates: ``"log_weights"`` (``solve_log_weights`` with the probe tokens' current masses),
             ``"mass"`` (``χ†·dμ``), or ``"auto"``: log-weights for the multiplicative rule, else mass.
-        rtol, ridge: of the pseudo-inverse.
+        rtol: relative rank cut-off of the pseudo-inverse.
+        ridge: Tikhonov damping of the pseudo-inverse.
 
     Returns:
         The new class weights ``[K]`` (mean 1) and diagnostics: the update's (``ess_fraction``, ...), the
