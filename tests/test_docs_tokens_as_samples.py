@@ -23,7 +23,9 @@ def test_the_how_to_page_runs(tmp_path, monkeypatch, capsys) -> None:
         exec(compile("\n".join(blocks), str(PAGE), "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
-    data, new = namespace["data"], namespace["new"]
-    assert torch.equal(data.token_weights, new)  # the solve's class weights are in effect
-    assert namespace["trainer"].global_step == 20
+    online, data = namespace["online"], namespace["data"]
+    assert [h["step"] for h in online.history] == [
+        10
+    ] and data.token_rule.version == 3  # set, one-off, online
+    assert not torch.equal(data.token_weights, namespace["new"])  # the online update changed them
     assert "held-out r =" in capsys.readouterr().out

@@ -5,8 +5,10 @@ from lightning_patterning.patterning.tokens import (
     TokenWeightRule,
     class_means,
     heldout_correlation,
+    probe_token_classes,
     solve_token_dh,
     token_patterning_step,
+    update_token_rule,
     weighted_mean,
 )
 from lightning_patterning.patterning.weights import WeightUpdate
@@ -16,9 +18,11 @@ __all__ = [
     "WeightUpdate",
     "class_means",
     "heldout_correlation",
+    "probe_token_classes",
     "solve_intervention",
     "solve_log_weights",
     "solve_token_dh",
     "token_patterning_step",
+    "update_token_rule",
     "weighted_mean",
 ]

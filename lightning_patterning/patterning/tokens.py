@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_patterning.estimators.probe import ProbeSet
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.patterning.solve import solve_intervention, solve_log_weights
 from lightning_patterning.patterning.targets import Target
@@ -271,6 +272,39 @@ def token_patterning_step(
     info["heldout_r"] = heldout_correlation(dh, probe_classes) if dh.shape[0] >= 2 else math.nan
     info.update({f"dh/{name}": float(v) for name, v in zip(rule.class_names, per_class, strict=True)})
     return new, info
+
+
+def update_token_rule(
+    chi: Susceptibilities,
+    target: Target,
+    rule: TokenWeightRule,
+    probe_classes: Tensor,
+    update: WeightUpdate,
+    coordinates: str = "auto",
+    rtol: float = 1e-3,
+    ridge: float = 0.0,
+) -> dict[str, float]:
+    """``token_patterning_step``, then set the rule's class weights (what ``PatterningCallback`` does with a
+    token rule). Returns the step's diagnostics plus ``predicted_dmu/{observable}`` = ``nβ·χ·Δm``, with
+    ``Δm`` the change of the probe tokens' probability masses (``m_{n,t} ∝ ρ_{c(n,t)}`` over the probe)."""
+    old = rule.class_weights
+    new, info = token_patterning_step(chi, target, rule, probe_classes, update, coordinates, rtol, ridge)
+    rule.set_class_weights(new)
+    flat = chi.flattened()
+    valid = chi.token_mask if chi.token_mask is not None else ~torch.isnan(chi.matrix).all(dim=0)
+    classes = probe_classes[valid].long()
+    before, after = old[classes], new.double()[classes]
+    delta_mass = after / after.sum() - before / before.sum()
+    predicted = chi.nbeta * (flat.matrix.double() @ delta_mass)
+    info.update({f"predicted_dmu/{n}": float(p) for n, p in zip(chi.names, predicted, strict=True)})
+    return info
+
+
+def probe_token_classes(rule: TokenWeightRule, probe: Any, indices: Sequence[int] | None) -> Tensor:
+    """``[N, T]`` class of every probe token: ``rule.classes`` of the probe batches, collated as
+    ``estimate_susceptibilities`` collates them (so row ``n`` is the result's probe sample ``n``)."""
+    probe_set = ProbeSet(probe, indices, None)
+    return torch.cat([rule.classes(batch).cpu() for batch in probe_set.batches])
 
 
 def _import_callable(path: str) -> TokenClasses:
