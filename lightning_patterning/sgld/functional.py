@@ -92,8 +92,8 @@ def check_loss_output(
         raise TypeError(f"{argument} must return a Tensor of per-sample losses, got {type(losses).__name__}")
     if losses.ndim not in (1, 2) or losses.shape[0] != batch_size:
         raise ValueError(
-            f"{argument} must return losses of shape [batch] = [{batch_size}] (one per sample) or "
-            f"[batch, T] = [{batch_size}, T] (one per position: tokens as samples), got shape "
+            f"{argument} must return per-sample losses of shape [batch] = [{batch_size}] or per-position "
+            f"losses of shape [batch, T] = [{batch_size}, T] (tokens as samples), got shape "
             f"{list(losses.shape)}; do not average over the batch"
         )
     if not losses.is_floating_point():
