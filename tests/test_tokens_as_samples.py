@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -154,6 +155,45 @@ def test_per_token_llc_equals_llc_of_tokens_flattened_into_samples(data) -> None
     # Padding counted as samples (the mask ignored) gives another loss, so the comparison can fail.
     unmasked = lp.estimate_llc(_model(), per_token_loss, train, _config(SEQUENCES, num_draws=30))
     assert unmasked.init_loss != pytest.approx(token.init_loss, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides", [dict(chain_mode="sequential"), dict(shared_batches=True)], ids=["sequential", "shared"]
+)
+def test_other_chain_paths_equal_tokens_flattened_into_samples(data, overrides) -> None:
+    """The sequential chain path and shared minibatches stack (losses, mask) outputs their own way; they too
+    give the per-sample estimates of the flattened dataset (full-batch minibatches, same noise)."""
+    train, held_out, flat, probe_tokens = data
+    token_config = replace(_config(SEQUENCES), **overrides)
+    flat_config = replace(_config(len(flat)), **overrides)
+    token = lp.estimate_llc(_model(), masked_token_loss, train, token_config)
+    flattened = lp.estimate_llc(_model(), flat_token_loss, flat, flat_config)
+    assert token.mode == flattened.mode == ("sequential" if "chain_mode" in overrides else "vmap")
+    torch.testing.assert_close(token.per_chain, flattened.per_chain, rtol=0, atol=2e-4)
+    observables = [ProbeLoss("held_out", held_out), LLC()]
+    chi = lp.estimate_susceptibilities(
+        _model(),
+        masked_token_loss,
+        train,
+        token_config,
+        observables,
+        train,
+        probe_indices=PROBE,
+        loss_batches=1,
+    )
+    flat_observables = [ProbeLoss("held_out", FlatTokens(held_out)), LLC()]
+    flat_chi = lp.estimate_susceptibilities(
+        _model(),
+        flat_token_loss,
+        flat,
+        flat_config,
+        flat_observables,
+        flat,
+        probe_indices=probe_tokens,
+        loss_batches=1,
+    )
+    scale = flat_chi.matrix.abs().amax(dim=1, keepdim=True)
+    torch.testing.assert_close(chi.flattened().matrix / scale, flat_chi.matrix / scale, rtol=0, atol=1e-9)
 
 
 def test_pca_and_standardized_work_on_the_valid_token_columns(token_chi, flat_chi) -> None:
