@@ -75,6 +75,7 @@ class TokenWeightRule:
         self.num_classes = num_classes
         self.class_names = names
         self._weights = torch.ones(num_classes, dtype=torch.float64)
+        self._range_checked = False
         self.version = 0
 
     @property
@@ -92,13 +93,20 @@ class TokenWeightRule:
         self.version += 1
 
     def classes(self, batch: Any) -> Tensor:
-        """``token_classes(batch)``, checked: an integer tensor ``[B, T]`` with values in ``0 … K−1``."""
+        """``token_classes(batch)``, checked: an integer tensor ``[B, T]`` with values in ``0 … K−1`` (the
+        range is checked on CPU tensors, and once on accelerators, where it would synchronise every step)."""
         classes = self.token_classes(batch)
         if not isinstance(classes, Tensor) or classes.is_floating_point() or classes.dtype == torch.bool:
             raise TypeError(f"token_classes(batch) must return an integer tensor [B, T], got {classes!r:.80}")
         if classes.ndim != 2:
             raise ValueError(f"token_classes(batch) must return shape [B, T], got {list(classes.shape)}")
-        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
+        check_range = classes.device.type == "cpu" or not self._range_checked  # a sync on accelerators
+        self._range_checked = True
+        if (
+            check_range
+            and classes.numel()
+            and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes)
+        ):
             raise ValueError(
                 f"token_classes(batch) must return classes in 0 … {self.num_classes - 1}, got values in "
                 f"[{int(classes.min())}, {int(classes.max())}]"
