@@ -377,13 +377,14 @@ def test_restrict_pattern_matching_nothing_is_rejected(regression: Regression, l
 @pytest.mark.parametrize(
     "bad_loss",
     [
-        lambda m, b: (m(b[0]) - b[1].unsqueeze(-1)).square(),  # [B, 1]
+        lambda m, b: (m(b[0]) - b[1].unsqueeze(-1)).square().unsqueeze(-1),  # [B, 1, 1]
         lambda m, b: (m(b[0]).squeeze(-1) - b[1]).square().mean(),  # scalar
         lambda m, b: (m(b[0]).squeeze(-1) - b[1]).square()[:-1],  # [B - 1]
     ],
-    ids=["B_by_1", "scalar", "short"],
+    ids=["B_by_1_by_1", "scalar", "short"],
 )
 def test_loss_fn_of_wrong_shape_is_rejected(regression: Regression, bad_loss) -> None:
+    """Allowed: [B] per sample, [B, T] per position (tokens as samples); anything else is rejected."""
     with pytest.raises(ValueError, match=r"loss_fn.*shape \[batch\]"):
         lp.estimate_llc(regression.model(), bad_loss, regression.dataset, llc_config(num_draws=5))
 

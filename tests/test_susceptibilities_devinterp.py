@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import lightning_patterning as lp
+from lightning_patterning.estimators.columns import ProbeColumns
 from lightning_patterning.estimators.probe import ProbeSet
 from lightning_patterning.estimators.streaming import (
     FullChainSums,
@@ -157,7 +158,7 @@ def test_restricted_chi_equals_devinterp_compute_susceptibilities() -> None:
         np.testing.assert_allclose(chi[0].numpy(), reference[name], rtol=1e-10, atol=1e-12 * scale)
 
     # The whole reduction (all-reduce layout, pooling, result object) gives the same rows in float32.
-    probe_set = ProbeSet(TensorDataset(torch.zeros(size, 1)))
+    probe_set = ProbeColumns(ProbeSet(TensorDataset(torch.zeros(size, 1))), [(torch.zeros(size), None)])
     observables = [Restricted(name, params=["unused"]) for name in RESTRICTIONS]
     config = lp.SGLDConfig(num_chains=CHAINS, num_draws=DRAWS, nbeta=10.0)
     result = reduce_sums(

@@ -5,6 +5,10 @@ target into ``dμ``, solve ``dh = χ†·dμ`` (docs/concepts/patterning.md; for
 log-weight coordinates, ``solve_log_weights``), update the sampler's weights, and log the
 prediction ``dμ_pred = nβ·χ·Δm`` (``Δm``: change of the probability mass of each column) next to the change
 of ``μ`` realized by the next estimate (the closed-loop check; it also contains ordinary training drift).
+
+Tokens as samples: when the DataModule holds a token rule (``PatterningDataModule(token_classes=...)``),
+the columns are the probe tokens and each update changes the rule's class weights instead of the sampler's
+(``patterning.tokens.update_token_rule``; docs/how-to/tokens-as-samples.md).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.observables import Observable
 from lightning_patterning.patterning.solve import solve_intervention, solve_log_weights
 from lightning_patterning.patterning.targets import Target
+from lightning_patterning.patterning.tokens import TokenWeightRule, probe_token_classes, update_token_rule
 from lightning_patterning.patterning.weights import UpdateRule, WeightUpdate
 from lightning_patterning.sgld.config import SGLDConfig
 from lightning_patterning.sgld.functional import LossFn
@@ -45,6 +50,12 @@ class PatterningCallback(SusceptibilityCallback):
     size / N), ``patterning/floor_fraction``, ``patterning/min_weight``, ``patterning/max_weight``,
     ``patterning/predicted_dmu/{observable}``, ``patterning/realized_dmu/{observable}`` (at the next
     estimate), ``patterning/active`` and the TensorBoard histogram ``patterning/weights``.
+
+    With a token rule in the DataModule (``PatterningDataModule(token_classes=...)``, tokens as samples) the
+    columns are the probe samples' valid tokens, and each update fits the rule's class weights to the
+    per-token solve (``patterning.tokens.update_token_rule``); the sampler's weights stay as they are. Also
+    logged then: ``{name}/token_weights/class/{class}``, the histogram ``{name}/token_weights/per_token``
+    and ``{name}/token_weights/heldout_r`` (the held-out correlation of the class rule).
 
     Args:
         config: SGLD settings.
@@ -173,7 +184,7 @@ class PatterningCallback(SusceptibilityCallback):
         """Probe = training samples; with group weights, columns are the sampler's groups."""
         dataset, indices, _ = super().estimate_probe(trainer)
         sampler = _weighted_sampler(trainer)
-        if sampler.groups is None:
+        if sampler.groups is None or _token_rule(trainer) is not None:
             return dataset, indices, None
         return dataset, indices, [int(sampler.groups[i]) for i in indices]
 
@@ -188,7 +199,7 @@ class PatterningCallback(SusceptibilityCallback):
             row["active"] = 0.0
             self._pending = None
             return chi, row
-        if not bool(torch.isfinite(chi.matrix).all()):  # e.g. every chain diverged: keep the weights
+        if not bool(torch.isfinite(chi.flattened().matrix).all()):  # e.g. all chains diverged: keep weights
             rank_zero_warn(
                 f"PatterningCallback: the estimate at step {trainer.global_step} is not finite (diverged "
                 f"chains: {chi.diverged_chains}); the weights are left unchanged. Lower SGLDConfig.lr or "
@@ -204,6 +215,8 @@ class PatterningCallback(SusceptibilityCallback):
         return chi, row
 
     def _apply(self, trainer: pl.Trainer, sampler: WeightedDistributedSampler, chi: Susceptibilities) -> dict:
+        if _token_rule(trainer) is not None:
+            return self._apply_tokens(trainer, chi)
         matrix, dmu = self.target.resolve(chi)
         old = sampler.weights.double()
         columns = _column_positions(chi, sampler)
@@ -225,6 +238,26 @@ class PatterningCallback(SusceptibilityCallback):
             rank_zero_warn(
                 f"PatterningCallback: {info['floor_fraction']:.0%} of the weights sit at the floor."
             )
+        return row
+
+    def _apply_tokens(self, trainer: pl.Trainer, chi: Susceptibilities) -> dict:
+        """Tokens as samples: fit the DataModule's token rule to the per-token solve."""
+        rule = _token_rule(trainer)
+        assert rule is not None
+        if not chi.per_token:
+            raise MisconfigurationException(
+                "PatterningCallback: the DataModule has a token rule (token_classes=...) but the loss "
+                "function returns per-sample losses; return per-position losses [B, T] (tokens as samples)"
+            )
+        probe, indices, _ = self.estimate_probe(trainer)
+        classes = probe_token_classes(rule, probe, indices)
+        update = (self.target, rule, classes, self.update, self.coordinates, self.rtol, self.ridge)
+        row = update_token_rule(chi, *update)
+        self._pending = {"mu": {n: float(m) for n, m in zip(chi.names, chi.mu, strict=True)}}
+        prefix, step = f"{self.name}/token_weights", trainer.global_step
+        tensorboard.log_token_weights(trainer, rule, step, prefix=prefix)
+        if math.isfinite(row["heldout_r"]):
+            tensorboard.log_scalars(trainer, {f"{prefix}/heldout_r": row["heldout_r"]}, step)
         return row
 
     def log_result(
@@ -258,6 +291,11 @@ def _weighted_sampler(trainer: pl.Trainer) -> WeightedDistributedSampler:
             "lightning_patterning.data.weighted_dataloader(...)."
         )
     return sampler
+
+
+def _token_rule(trainer: pl.Trainer) -> TokenWeightRule | None:
+    """The token-weight rule of the Trainer's ``PatterningDataModule`` (``None`` without one)."""
+    return getattr(getattr(trainer, "datamodule", None), "token_rule", None)
 
 
 def _column_positions(chi: Susceptibilities, sampler: WeightedDistributedSampler) -> torch.Tensor:

@@ -139,12 +139,13 @@ class SusceptibilityCallback(EstimationCallback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: Susceptibilities, on_step: bool
     ) -> None:
         step, n = trainer.global_step, self.name
+        view = result.flattened()  # per-token [k, N, T] matrices: the [k, M] valid tokens
         scalars: dict[str, float] = {}
         for i, observable in enumerate(result.names):
             scalars[f"susceptibility/mu/{observable}"] = float(result.mu[i])
-            scalars[f"susceptibility/abs_mean/{observable}"] = float(result.matrix[i].abs().mean())
-            scalars[f"susceptibility/stderr_mean/{observable}"] = float(result.stderr[i].mean())
-        finite = bool(torch.isfinite(result.matrix).all())
+            scalars[f"susceptibility/abs_mean/{observable}"] = float(view.matrix[i].abs().mean())
+            scalars[f"susceptibility/stderr_mean/{observable}"] = float(view.stderr[i].mean())
+        finite = bool(torch.isfinite(view.matrix).all())
         if finite:
             explained = result.explained_variance()
             for j, value in enumerate(explained.tolist()[:8]):
@@ -156,14 +157,14 @@ class SusceptibilityCallback(EstimationCallback):
             if math.isfinite(value):
                 pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=False)
         if finite:
-            _, _, v = result.pca()
+            _, _, v = view.pca()
             tensorboard.log_matrix_figures(
                 trainer,
                 n,
-                result.matrix,
-                result.names,
-                result.columns,
-                result.standardized(),
+                view.matrix,
+                view.names,
+                view.columns,
+                view.standardized(),
                 explained,
                 v,
                 step,

@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lightning_patterning.patterning.tokens import TokenWeightRule
+
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
 
@@ -100,3 +102,36 @@ def log_matrix_figures(
         writer.add_figure(f"{prefix}/pc1_pc2_data", scatter, global_step=step)
     for figure in (heat, spectrum, scatter):
         plt.close(figure)
+
+
+def log_token_weights(
+    trainer: pl.Trainer,
+    rule: TokenWeightRule,
+    step: int,
+    batch: Any = None,
+    mask: torch.Tensor | None = None,
+    prefix: str = "token_weights",
+) -> None:
+    """Per-token weights in TensorBoard: the scalar ``{prefix}/class/{name}`` of every class weight (mean 1
+    over classes) to every logger, and on rank 0 the histogram ``{prefix}/per_token`` of the weights of
+    ``batch``'s valid tokens (``mask``; all positions when ``None``) normalised to mean 1, as
+    ``lp.weighted_loss`` applies them (without a batch: a histogram of the class weights).
+
+    Every rank may call it (loggers write on rank 0 only); a recipe or callback calls it after a change.
+    """
+    weights = rule.class_weights
+    log_scalars(
+        trainer,
+        {f"{prefix}/class/{name}": float(w) for name, w in zip(rule.class_names, weights, strict=True)},
+        step,
+    )
+    writers = tensorboard_writers(trainer, "histograms")
+    if not writers or trainer.global_rank != 0:
+        return
+    values = weights
+    if batch is not None:
+        per_token = rule(batch).detach().double().cpu()
+        values = per_token[mask.cpu()] if mask is not None else per_token.flatten()
+        values = values / values.mean() if float(values.mean()) > 0 else values
+    for writer in writers:
+        writer.add_histogram(f"{prefix}/per_token", values, global_step=step)

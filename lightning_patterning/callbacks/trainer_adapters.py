@@ -40,8 +40,9 @@ def resolve_loss_fn(pl_module: pl.LightningModule, loss_fn: LossFn | None, owner
         return _call_per_sample_loss
     raise MisconfigurationException(
         f"{owner} needs per-sample losses: add a method `def per_sample_loss(self, batch) -> Tensor` "
-        f"returning one loss per sample (shape [batch]) to {type(pl_module).__name__}, or pass "
-        f"`loss_fn=fn` with `fn(module, batch) -> Tensor[batch]` to {owner}."
+        f"returning one loss per sample (shape [batch]; or per token, [batch, T], optionally as a pair "
+        f"(losses, mask)) to {type(pl_module).__name__}, or pass `loss_fn=fn` with "
+        f"`fn(module, batch) -> Tensor[batch]` to {owner}."
     )
 
 

@@ -7,6 +7,11 @@ Being a ``DistributedSampler``, Lightning neither replaces nor wraps it under DD
 ``set_epoch`` each epoch; each rank builds it with ``num_replicas = trainer.world_size`` and
 ``rank = trainer.global_rank``. Its state (weights, epoch, position) is saved in checkpoints through
 the DataModule's ``state_dict``, so ``trainer.fit(ckpt_path=...)`` continues the same draw.
+
+Per-token weights (tokens as samples): with ``token_classes=`` the wrapper also holds a
+:class:`~lightning_patterning.patterning.tokens.TokenWeightRule` (one weight per token pattern class,
+``set_token_weights``), which ``lp.weighted_loss(per_token_loss, batch, self)`` applies in the module's
+``training_step``; its state is saved in the same ``state_dict``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from lightning_patterning.data.sampler import WeightedDistributedSampler
 from lightning_patterning.data.weights import validate_groups, validate_weights
+from lightning_patterning.patterning.tokens import TokenClasses, TokenWeightRule
 
 __all__ = ["PatterningDataModule", "weighted_dataloader"]
 
@@ -54,6 +60,11 @@ class PatterningDataModule(pl.LightningDataModule):
         replacement: draw with replacement (default) or an epoch-long weighted order without it.
         chunk_size: indices per rank drawn at a time.
         seed: seed of the draw, identical on all ranks.
+        token_classes: per-token weights: ``fn(batch) -> LongTensor[B, T]``, a pattern class per position of
+            the per-position losses (or its import path), read by ``lp.weighted_loss``. ``None``: no token
+            weights.
+        num_token_classes: the number of classes ``token_classes`` returns (required with it).
+        token_class_names: optional class names (TensorBoard tags).
     """
 
     def __init__(
@@ -63,6 +74,9 @@ class PatterningDataModule(pl.LightningDataModule):
         replacement: bool = True,
         chunk_size: int = 256,
         seed: int = 0,
+        token_classes: TokenClasses | str | None = None,
+        num_token_classes: int | None = None,
+        token_class_names: list[str] | None = None,
     ) -> None:
         if not isinstance(datamodule, pl.LightningDataModule):
             raise TypeError(f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}")
@@ -81,6 +95,13 @@ class PatterningDataModule(pl.LightningDataModule):
         for hook in _DELEGATED_IF_DEFINED:  # only what it defines, so Lightning's is_overridden stays true
             if is_overridden(hook, datamodule):
                 setattr(self, hook, getattr(datamodule, hook))
+        self.token_rule: TokenWeightRule | None = None
+        if token_classes is not None:
+            if num_token_classes is None:
+                raise ValueError("num_token_classes is required with token_classes (the number of classes)")
+            self.token_rule = TokenWeightRule(token_classes, num_token_classes, token_class_names)
+        elif num_token_classes is not None or token_class_names is not None:
+            raise ValueError("num_token_classes and token_class_names need token_classes")
         self._sampler: WeightedDistributedSampler | None = None
         self._batch_size: int = 1
         self._pending_weights: Tensor | None = None
@@ -188,9 +209,33 @@ class PatterningDataModule(pl.LightningDataModule):
             length = 0
         self._pending_weights = validate_weights(weights, length)
 
+    def set_token_weights(self, class_weights: Tensor | Sequence[float]) -> None:
+        """Set the per-token weights: one weight per token class (stored normalised to mean 1 over classes).
+
+        Raises:
+            ValueError: negative, NaN/inf, all zero or wrong length (the weights in use are then unchanged),
+                or no ``token_classes`` was given.
+        """
+        self._require_rule().set_class_weights(class_weights)
+
+    @property
+    def token_weights(self) -> Tensor | None:
+        """A copy of the per-class token weights (``None`` without ``token_classes``)."""
+        return None if self.token_rule is None else self.token_rule.class_weights
+
+    def _require_rule(self) -> TokenWeightRule:
+        if self.token_rule is None:
+            raise ValueError(
+                "per-token weights need PatterningDataModule(..., token_classes=fn, num_token_classes=K)"
+            )
+        return self.token_rule
+
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's state (position = batches trained this epoch) and the wrapped module's state."""
+        """The sampler's state (position = batches trained this epoch), the token-weight rule's state and
+        the wrapped module's state."""
         state: dict[str, Any] = {"datamodule": self.datamodule.state_dict(), "weights": self._pending_weights}
+        if self.token_rule is not None:
+            state["token_rule"] = self.token_rule.state_dict()
         if self._sampler is not None:
             state["sampler"] = self._sampler.state_dict(consumed=self._consumed(self._sampler))
         elif self._pending_state is not None:
@@ -200,6 +245,8 @@ class PatterningDataModule(pl.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; the sampler state is applied now, or when the sampler is built."""
         self.datamodule.load_state_dict(state_dict.get("datamodule", {}))
+        if self.token_rule is not None and state_dict.get("token_rule") is not None:
+            self.token_rule.load_state_dict(state_dict["token_rule"])
         if state_dict.get("weights") is not None:
             self._pending_weights = state_dict["weights"]
         sampler_state = state_dict.get("sampler")

@@ -10,8 +10,11 @@ Both have the same expectation; pairing cancels the minibatch noise of ``L_{B_t}
 forward per draw. The estimate is the mean over non-diverged chains; ``std`` is their sample standard
 deviation and ``stderr = std / √chains``; the unpaired estimator adds the uncertainty of ``L(w*)``, which
 is common to all chains and so invisible in their spread: ``stderr² = std²/chains + nβ²·s²_ref/k`` with
-``s_ref`` the spread of the ``k`` reference-batch losses. Source: Lau et al., "The Local Learning Coefficient"
-(arXiv 2308.12108); devinterp 2.0.1 ``devinterp/slt/llc.py``.
+``s_ref`` the spread of the ``k`` reference-batch losses. With per-position losses ``[B, T]`` (tokens as
+samples, optionally masked) every ``L_B`` is the mean over the minibatch's valid positions.
+
+Source: Lau et al., "The Local Learning Coefficient" (arXiv 2308.12108); devinterp 2.0.1
+``devinterp/slt/llc.py``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_patterning.sgld.batches import SampleSource, reference_batches
 from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext
 from lightning_patterning.sgld.config import SGLDConfig
-from lightning_patterning.sgld.functional import LossFn
+from lightning_patterning.sgld.functional import LossFn, masked_mean
 from lightning_patterning.sgld.restrict import RestrictSpec, resolve_param_masks
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -109,7 +112,9 @@ def estimate_llc(
     Args:
         model: the module at the checkpoint ``w*``; it is not modified (parameters, buffers, grads and
             train/eval flags are as before; the global RNG is not used).
-        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-sample losses.
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-sample losses, or per-position losses
+            ``Tensor[B, T]`` / ``(Tensor[B, T], mask)`` (tokens as samples). ``L_B`` is then the mean over
+            the minibatch's valid positions (tokens), ``Σ m·ℓ / Σ m``, not the mean of per-sequence means.
         dataloader: a DataLoader (its dataset and ``collate_fn`` are used; chains draw their own
             minibatches of ``config.batch_size`` from private generators) or a map-style Dataset.
         config: sampler settings.
@@ -180,7 +185,7 @@ def _reference_losses(
 ) -> torch.Tensor:
     """``[init_loss_batches]`` minibatch losses at ``w*``, from a stream shared by all processes."""
     batches = reference_batches(source, config.batch_size, config.init_loss_batches, config.seed, run)
-    losses = [runner.center_losses(b).float().mean() for b in batches]
+    losses = [masked_mean(*_float(runner.center_output(b))) for b in batches]
     return torch.stack(losses).double().cpu()
 
 
@@ -251,6 +256,10 @@ def _assemble(
         diagnostics=diagnostics,
         config=config.to_dict(),
     )
+
+
+def _float(output: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return output[0].float(), output[1]
 
 
 def _reduce_device(all_reduce: AllReduce) -> torch.device:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,8 @@ VERSION = 1
 
 @dataclass
 class Susceptibilities:
-    """A susceptibility matrix ``χ`` [k observables × N probe samples, or G groups].
+    """A susceptibility matrix ``χ`` [k observables × N probe samples, or G groups], or ``[k, N, T]`` when
+    tokens are samples (a loss function returning per-position losses; docs/concepts/susceptibilities.md).
 
     Convention (one place, docs/concepts/susceptibilities.md):
     ``matrix = χ = −Cov[φ, ℓ_z − L] = (1/nβ)·∂⟨φ⟩/∂h``; the raw
@@ -24,17 +25,27 @@ class Susceptibilities:
     two-chain estimate, which is ``χ`` times an unknown positive per-row factor: compare them after
     standardizing rows (``standardized()``, ``pca()``).
 
+    Tokens as samples: ``matrix`` and ``stderr`` are ``[k, N, T]`` with NaN at the positions the loss
+    function masked out (``token_mask`` is False there). ``flattened()`` gives the ``[k, M]`` matrix of the
+    ``M`` valid tokens (row-major order: probe sample, then position), on which ``standardized()`` and
+    ``pca()`` work: ``pca()``'s ``V`` is ``[M, r]`` in that order, ``standardized()`` keeps the ``[k, N, T]``
+    layout (NaN at invalid positions). With groups the matrix is ``[k, G]`` as for per-sample columns.
+
     Attributes:
-        matrix: ``[k, N or G]`` pooled estimate.
+        matrix: ``[k, N or G]`` (or ``[k, N, T]``) pooled estimate.
         stderr: same shape, jackknife standard error over chains (leave one chain out).
         mu: ``[k]`` posterior means of the observables (for ``Restricted`` and ``LLC``: the LLC).
         names: observable names (rows). kinds: their classes' names.
         sample_ids: ``[N]`` dataset indices of the probe samples.
         group_names: column labels when columns are groups (``None``: per-sample columns).
-        group_index: ``[N]`` group of each probe sample (``None`` without groups).
+        group_index: ``[N]`` group of each probe sample (``[N, T]`` per token, −1 at invalid positions;
+            ``None`` without groups).
         nbeta: inverse temperature. center_loss: ``L(w*)`` on the fixed loss batches.
         diverged_chains: per chain set (``"full"`` and each restricted name), chains dropped.
         config: the ``SGLDConfig`` as a dictionary. metadata: free-form JSON (e.g. step, epoch).
+        token_mask: ``[N, T]`` True at the probe positions that are samples (``None``: per-sample losses).
+        positions: ``[M]`` position of each column within its probe sample, for a ``flattened()`` token
+            matrix (``sample_ids`` then holds each column's sample); ``None`` otherwise.
     """
 
     matrix: torch.Tensor
@@ -50,12 +61,43 @@ class Susceptibilities:
     diverged_chains: dict[str, int]
     config: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    token_mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+    @property
+    def per_token(self) -> bool:
+        """Whether the matrix is ``[k, N, T]`` (tokens as samples, no groups)."""
+        return self.matrix.ndim == 3
 
     @property
     def columns(self) -> list[str]:
-        """Column labels: group names, or the probe samples' dataset indices as strings."""
-        return (
-            self.group_names if self.group_names is not None else [str(i) for i in self.sample_ids.tolist()]
+        """Column labels: group names, the probe samples' dataset indices, or ``"{sample}:{position}"`` for
+        each valid token (in ``flattened()`` order)."""
+        if self.group_names is not None:
+            return self.group_names
+        if self.per_token:
+            return self.flattened().columns
+        if self.positions is not None:
+            pairs = zip(self.sample_ids.tolist(), self.positions.tolist(), strict=True)
+            return [f"{i}:{t}" for i, t in pairs]
+        return [str(i) for i in self.sample_ids.tolist()]
+
+    def flattened(self) -> Susceptibilities:
+        """The ``[k, M]`` result of the ``M`` valid tokens of a ``[k, N, T]`` matrix (row-major: sample, then
+        position), with ``sample_ids`` and ``positions`` per column; any other result is returned as is."""
+        if not self.per_token:
+            return self
+        mask = self._valid_tokens()
+        where = torch.nonzero(mask)
+        return replace(
+            self,
+            matrix=self.matrix[:, mask],
+            stderr=self.stderr[:, mask],
+            sample_ids=self.sample_ids[where[:, 0]],
+            positions=where[:, 1],
+            group_names=None,
+            group_index=None,
+            token_mask=None,
         )
 
     def row(self, name: str) -> torch.Tensor:
@@ -68,8 +110,20 @@ class Susceptibilities:
         """``∂⟨φ⟩/∂h = nβ·χ`` (meaningful for non-restricted rows)."""
         return self.nbeta * self.matrix
 
+    def _valid_tokens(self) -> torch.Tensor:
+        """``[N, T]`` positions of a ``[k, N, T]`` matrix that are samples."""
+        if self.token_mask is not None:
+            return self.token_mask.bool()
+        return ~torch.isnan(self.matrix).all(dim=0)
+
     def standardized(self) -> torch.Tensor:
-        """Rows z-scored across columns (mean 0, std 1); constant rows become 0."""
+        """Rows z-scored across columns (mean 0, std 1); constant rows become 0. For a ``[k, N, T]``
+        matrix the z-score runs over the valid tokens, and invalid positions stay NaN."""
+        if self.per_token:
+            flat = self.flattened()
+            out = torch.full_like(self.matrix, torch.nan)
+            out[:, self._valid_tokens()] = flat.standardized()
+            return out
         centred = self.matrix - self.matrix.mean(dim=1, keepdim=True)
         scale = centred.std(dim=1, keepdim=True)
         return torch.where(scale > 0, centred / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
@@ -77,7 +131,10 @@ class Susceptibilities:
     def pca(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``U, S, V`` with ``standardized() = U·diag(S)·Vᵀ``: columns of ``U`` [k, r] are loadings on
         observables (components), columns of ``V`` [N, r] loadings on data; signs fixed so that each ``u_j``
-        has a positive sum (deterministic across runs)."""
+        has a positive sum (deterministic across runs). For a ``[k, N, T]`` matrix, ``V`` is ``[M, r]`` over
+        the valid tokens in ``flattened()`` order."""
+        if self.per_token:
+            return self.flattened().pca()
         u, s, vh = torch.linalg.svd(self.standardized().double(), full_matrices=False)
         signs = torch.where(u.sum(dim=0) < 0, -1.0, 1.0).to(u.dtype)
         return (u * signs).float(), s.float(), (vh.T * signs).float()
@@ -107,8 +164,9 @@ class Susceptibilities:
             "metadata": self.metadata,
         }
         tensors = {"matrix": self.matrix, "stderr": self.stderr, "mu": self.mu, "sample_ids": self.sample_ids}
-        if self.group_index is not None:
-            tensors["group_index"] = self.group_index
+        for name in ("group_index", "token_mask", "positions"):
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name)
         torch.save({"meta": json.dumps(meta), "tensors": tensors}, path)
         return path
 
@@ -146,6 +204,8 @@ class Susceptibilities:
                 diverged_chains=dict(meta["diverged_chains"]),
                 config=dict(meta["config"]),
                 metadata=dict(meta["metadata"]),
+                token_mask=tensors.get("token_mask"),
+                positions=tensors.get("positions"),
             )
         except (KeyError, TypeError) as error:
             raise ValueError(f"{path}: susceptibilities file is missing {error}") from error

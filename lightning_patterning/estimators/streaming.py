@@ -1,7 +1,8 @@
 """Running sums of the draws, per chain, and the susceptibility formulas applied to them.
 
 Per chain the unrestricted run keeps ``n, ΣL, Σℓ_z, Σφ, Σφ·L, Σφ·ℓ_z`` and each restricted run
-``n, Σg, Σg·L, Σg·ℓ_z`` (g = L − L(w*)): O(k·N) memory whatever the number of draws. Sums are placed in
+``n, Σg, Σg·L, Σg·ℓ_z`` (g = L − L(w*)): O(k·N) memory whatever the number of draws (``N`` columns:
+probe samples, or ``N·T`` tokens for per-position losses, ``estimators.columns``). Sums are placed in
 global ``[num_chains, ...]`` tensors and summed over processes with one all-reduce, so every rank computes
 the same matrix.
 """
@@ -12,8 +13,8 @@ import math
 
 import torch
 
+from lightning_patterning.estimators.columns import ProbeColumns
 from lightning_patterning.estimators.llc import AllReduce, _reduce_device
-from lightning_patterning.estimators.probe import ProbeSet
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.observables import Observable, Restricted
 from lightning_patterning.sgld.chains import DrawRecord
@@ -97,7 +98,7 @@ def reduce_sums(
     restricted: dict[str, RestrictedChainSums],
     observables: list[Observable],
     plain: list[Observable],
-    probe: ProbeSet,
+    probe: ProbeColumns,
     chain_ids: list[int],
     config: SGLDConfig,
     center_loss: float,
@@ -114,7 +115,7 @@ def reduce_sums(
     full_delta = _delta(pooled_full)[0]
     rows, errors, mus, kinds = {}, {}, {}, {}
     nbeta = config.resolved_nbeta
-    columns = probe.group_means if probe.group_names is not None else (lambda t: t)
+    columns = probe.columns
     for i, observable in enumerate(plain):
         rows[observable.name] = columns(chi_plain[0, i])
         errors[observable.name] = _stderr(columns(chi_plain_chains[:, i]))
@@ -143,6 +144,7 @@ def reduce_sums(
         sample_ids=probe.sample_ids,
         group_names=probe.group_names,
         group_index=probe.group_index,
+        token_mask=probe.token_mask,
         nbeta=nbeta,
         center_loss=center_loss,
         diverged_chains=diverged,

@@ -11,6 +11,11 @@ weight-restricted component C, devinterp's two-chain estimator (``compute_suscep
 
     χ̃^C_z = E_C[ g·(L − ℓ_z) ] − E_C[g]·( E_full[L] − E_full[ℓ_z] )
 
+Tokens as samples: a ``loss_fn`` that returns per-position losses ``[B, T]`` (optionally with a mask of the
+positions that are samples) makes every valid (probe sample, position) pair a column, ``ℓ_z`` with
+``z = (n, t)``; ``L`` is then the mean over the valid positions of the fixed batches, and the matrix is
+``[k, N, T]`` with NaN at invalid positions (``estimators.columns``).
+
 Draws of all chains are pooled through running sums (memory O(k·N), never O(draws·N)); the standard error
 is a jackknife over chains (leave one chain out). It does not cover the choice of the fixed loss batches
 that define ``L``: a different batch set shifts every column of a row by about the same amount (use more
@@ -36,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_patterning.estimators.columns import LossOutput, ProbeColumns, TokenGroupSpec, batch_means
 from lightning_patterning.estimators.llc import AllReduce
 from lightning_patterning.estimators.probe import GroupSpec, ProbeSet
 from lightning_patterning.estimators.result import Susceptibilities
@@ -44,7 +50,7 @@ from lightning_patterning.observables import LLC, Custom, Observable, ProbeLoss,
 from lightning_patterning.sgld.batches import Batch, SampleSource, reference_batches
 from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext
 from lightning_patterning.sgld.config import SGLDConfig
-from lightning_patterning.sgld.functional import LossFn
+from lightning_patterning.sgld.functional import LossFn, check_loss_output
 from lightning_patterning.sgld.restrict import ParamMasks, resolve_param_masks
 
 
@@ -58,6 +64,7 @@ def estimate_susceptibilities(
     *,
     probe_indices: Sequence[int] | None = None,
     groups: GroupSpec = None,
+    token_groups: TokenGroupSpec = None,
     loss_batches: int = 4,
     probe_batch_size: int = 256,
     chain_ids: Sequence[int] | None = None,
@@ -67,18 +74,25 @@ def estimate_susceptibilities(
     progress: bool = False,
 ) -> Susceptibilities:
     """Estimate the susceptibility matrix ``χ`` [observables × probe samples or groups] at the current
-    weights.
+    weights (``[observables, N, T]`` for per-position losses: tokens as samples).
 
     Args:
         model: the module at the checkpoint ``w*`` (never modified).
-        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-sample losses.
+        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-sample losses; or per-position losses
+            ``Tensor[B, T]``, or ``(Tensor[B, T], BoolTensor[B, T])`` with a mask that is True at the
+            positions that are samples (it must depend on the batch only, not on the weights). Then every
+            valid (probe sample, position) is a column; all probe batches must share one ``T``.
         dataloader: training data for SGLD minibatches and for the fixed loss batches of ``L``.
         config: sampler settings (one chain set per ``Restricted`` observable plus the unrestricted one).
         observables: ``ProbeLoss``, ``LLC``, ``Restricted``, ``Custom`` instances (unique names).
         probe: the samples of the data axis (a ``Subset`` of the training set keeps training indices).
         probe_indices: select these indices of ``probe``.
         groups: aggregate columns into groups (field name, labels, or ``fn(sample)``); ``χ_g`` is the
-            mean of ``χ_z`` over the group's members.
+            mean of ``χ_z`` over the group's members (with per-position losses: over the valid tokens
+            of the group's samples).
+        token_groups: per-position losses only: a label per token, ``LongTensor[N, T]`` or
+            ``fn(batch) -> LongTensor[B, T]`` on each collated probe batch; columns are then the labels
+            (sorted), ``χ_g`` the mean of ``χ_z`` over the valid tokens labelled ``g``.
         loss_batches: minibatches of ``config.batch_size`` forming the fixed set on which ``L(w)`` is
             measured.
         probe_batch_size: batch size of the probe forwards (per chain; a forward holds activations for
@@ -120,14 +134,31 @@ def estimate_susceptibilities(
         )
 
     full_runner = runner(resolve_param_masks(model, None), 0)
-    center_loss = _mean_loss(full_runner.center_losses, fixed)
-    full = FullChainSums(full_runner.num_chains, probe_set.size, len(plain))
-    observe = _PlainObserver(plain, plain_data, fixed, probe_set.batches, center_loss, config.resolved_nbeta)
+    fixed_outputs = [_center_output(full_runner, b, "loss_fn (loss batches)", True) for b in fixed]
+    fixed_masks = [mask for _, mask in fixed_outputs]
+    center_loss = float(batch_means([(losses.unsqueeze(0), mask) for losses, mask in fixed_outputs])[0])
+    probe_outputs = [_center_output(full_runner, b, "loss_fn (probe)") for b in probe_set.batches]
+    columns = ProbeColumns(probe_set, probe_outputs, token_groups)
+    plain_masks = {
+        name: [_center_output(full_runner, b, f"loss_fn (ProbeLoss({name!r}).data)")[1] for b in batches]
+        for name, batches in plain_data.items()
+    }
+    full = FullChainSums(full_runner.num_chains, columns.size, len(plain))
+    observe = _PlainObserver(
+        plain,
+        plain_data,
+        plain_masks,
+        (fixed, fixed_masks),
+        columns,
+        probe_set.batches,
+        center_loss,
+        config.resolved_nbeta,
+    )
     summary = full_runner.run(lambda record: full.add(record, *observe(record)))
     full.drop(summary.diverged)
     restricted: dict[str, RestrictedChainSums] = {}
     for index, (name, masks) in enumerate(restricted_masks.items(), start=1):
-        sums = RestrictedChainSums(full_runner.num_chains, probe_set.size, center_loss)
+        sums = RestrictedChainSums(full_runner.num_chains, columns.size, center_loss)
         chains = runner(masks, index)
         outcome = chains.run(lambda record, s=sums: s.add(record, *observe.losses(record)))
         sums.drop(outcome.diverged)
@@ -137,7 +168,7 @@ def estimate_susceptibilities(
         restricted,
         observables,
         plain,
-        probe_set,
+        columns,
         full_runner.chain_ids,
         config,
         center_loss,
@@ -152,18 +183,24 @@ class _PlainObserver:
         self,
         plain: list[Observable],
         plain_data: dict[str, list[Batch]],
-        fixed: list[Batch],
+        plain_masks: dict[str, list[torch.Tensor | None]],
+        fixed: tuple[list[Batch], list[torch.Tensor | None]],
+        columns: ProbeColumns,
         probe_batches: list[Batch],
         center_loss: float,
         nbeta: float,
     ) -> None:
-        self.plain, self.plain_data, self.fixed = plain, plain_data, fixed
-        self.probe_batches, self.center_loss, self.nbeta = probe_batches, center_loss, nbeta
+        self.plain, self.plain_data, self.plain_masks = plain, plain_data, plain_masks
+        self.fixed, self.fixed_masks = fixed
+        self.columns, self.probe_batches = columns, probe_batches
+        self.center_loss, self.nbeta = center_loss, nbeta
 
     def losses(self, record: DrawRecord) -> tuple[torch.Tensor, torch.Tensor]:
-        """``L(w_t)`` [chains] on the fixed batches and ``ℓ_z(w_t)`` [chains, N] on the probe."""
-        loss = torch.stack([record.per_sample_losses(b).double().mean(dim=1) for b in self.fixed]).mean(dim=0)
-        probe = torch.cat([record.per_sample_losses(b).double() for b in self.probe_batches], dim=1)
+        """``L(w_t)`` [chains] on the fixed batches and ``ℓ_z(w_t)`` [chains, columns] on the probe."""
+        loss = batch_means(
+            [(record.per_sample_losses(b), m) for b, m in zip(self.fixed, self.fixed_masks, strict=True)]
+        )
+        probe = self.columns.flatten([record.per_sample_losses(b).double() for b in self.probe_batches])
         return loss.cpu(), probe.cpu()
 
     def __call__(self, record: DrawRecord) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,9 +213,15 @@ class _PlainObserver:
         if isinstance(observable, LLC):
             return self.nbeta * (loss - self.center_loss)
         if isinstance(observable, ProbeLoss):
-            batches = self.plain_data[observable.name]
-            total = sum(record.per_sample_losses(b).double().sum(dim=1) for b in batches)
-            count = sum(_batch_length(b) for b in batches)
+            batches, masks = self.plain_data[observable.name], self.plain_masks[observable.name]
+            total, count = torch.zeros((), dtype=torch.float64), 0
+            for batch, mask in zip(batches, masks, strict=True):
+                values = record.per_sample_losses(batch).double()
+                if mask is not None:
+                    m = mask.to(values.device)
+                    values = torch.where(m, values, torch.zeros((), dtype=values.dtype, device=values.device))
+                total = total + values.flatten(1).sum(dim=1)
+                count += int(mask.sum()) if mask is not None else values[0].numel()
             return (total / count).cpu()
         assert isinstance(observable, Custom)
         value = record.evaluate(observable.fn)
@@ -214,6 +257,11 @@ def _batch_length(batch: Batch) -> int:
     return next(int(leaf.shape[0]) for leaf in leaves if isinstance(leaf, torch.Tensor))
 
 
-@torch.no_grad()
-def _mean_loss(losses_at_center, batches: list[Batch]) -> float:
-    return float(torch.stack([losses_at_center(b).double().mean() for b in batches]).mean())
+def _center_output(
+    runner: ChainRunner, batch: Batch, argument: str, require_valid: bool = False
+) -> LossOutput:
+    """The validated ``(losses, mask)`` of ``batch`` at ``w*`` (the mask is reused at every draw)."""
+    losses, mask = check_loss_output(
+        runner.center_call(batch), _batch_length(batch), argument, require_valid=require_valid
+    )
+    return losses.detach().cpu(), None if mask is None else mask.detach().cpu()

@@ -36,8 +36,10 @@ from lightning_patterning.sgld.functional import (
     PREFIX,
     LossFn,
     LossModule,
-    check_per_sample_losses,
+    check_loss_output,
     evaluation_mode,
+    masked_mean,
+    split_loss_output,
 )
 from lightning_patterning.sgld.restrict import ParamMasks
 from lightning_patterning.sgld.seeding import private_generator
@@ -72,7 +74,9 @@ class DrawRecord:
     _runner: ChainRunner = field(repr=False)
 
     def per_sample_losses(self, batch: Batch) -> torch.Tensor:
-        """``[chains, B]`` per-sample losses of ``batch`` at every chain's current ``w_t`` (no grad)."""
+        """``[chains, B]`` per-sample (or ``[chains, B, T]`` per-position) losses of ``batch`` at every
+        chain's current ``w_t`` (no grad). Positions a loss function masks out hold whatever it returned
+        there: mask them with ``ChainRunner.center_output``'s mask (the mask depends on the batch only)."""
         return self._runner.per_sample_losses(batch)
 
     def evaluate(self, fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
@@ -102,6 +106,10 @@ class ChainRunSummary:
     diagnostics: dict[str, float]
 
 
+class EmptyMinibatchError(ValueError):
+    """An SGLD minibatch in which the loss function's mask marks no valid position."""
+
+
 class LossCheck(NamedTuple):
     """What ``check_loss_fn`` measured at the checkpoint: the mean minibatch loss and the FLOPs of that
     forward (matmul, convolution, attention; ``torch.utils.flop_counter``)."""
@@ -119,8 +127,9 @@ def check_loss_fn(
     forward_context: ForwardContext | None = None,
     count_flops: bool = False,
 ) -> LossCheck:
-    """Run ``loss_fn`` on one minibatch at the checkpoint (eval mode, no grad) and check its output:
-    shape ``[batch_size]``, floating point, finite mean. Returns that mean loss and, with
+    """Run ``loss_fn`` on one minibatch at the checkpoint (eval mode, no grad) and check its output
+    (``check_loss_output``: ``[batch_size]`` or ``[batch_size, T]``, optionally with a position mask),
+    and that its mean over the valid entries is finite. Returns that mean loss and, with
     ``count_flops``, the forward's FLOPs (else 0)."""
     stream = ChainBatches(source, config.batch_size, [0], config.seed, -1)
     device = next(model.parameters()).device
@@ -129,7 +138,8 @@ def check_loss_fn(
     counter = FlopCounterMode(display=False) if count_flops else None
     with evaluation_mode(model), (forward_context or nullcontext)(), counter or nullcontext():
         losses = functional_call(LossModule(model, loss_fn), center, (batch,))
-    loss = float(check_per_sample_losses(losses, config.batch_size).float().mean())
+    values, mask = check_loss_output(losses, config.batch_size)
+    loss = float(masked_mean(values.float(), mask))
     if not math.isfinite(loss):
         raise ValueError(f"loss_fn returned a non-finite loss ({loss}) at the checkpoint itself")
     return LossCheck(loss, counter.get_total_flops() if counter is not None else 0)
@@ -140,7 +150,9 @@ class ChainRunner:
 
     Args:
         model: the module at the checkpoint ``w*`` (read only; never modified).
-        loss_fn: ``loss_fn(module, batch) -> Tensor[B]`` per-sample losses.
+        loss_fn: ``loss_fn(module, batch)``: per-sample losses ``Tensor[B]``, per-position losses
+            ``Tensor[B, T]``, or ``(losses [B, T], mask [B, T])`` (``sgld.functional.LossFn``). A step's
+            minibatch loss is the mean over the minibatch's samples (its valid positions).
         source: the data chains draw minibatches from.
         config: sampler settings.
         param_masks: which parameters (and entries) move; see ``resolve_param_masks``.
@@ -257,42 +269,64 @@ class ChainRunner:
         return self._params[chain]
 
     def _step_losses(self, stacked_batch: Batch) -> torch.Tensor:
-        """``[chains, B]`` per-sample losses of each chain on its own minibatch, with autograd."""
+        """``[chains]`` minibatch mean loss of each chain on its own minibatch, with autograd (the mean
+        over the valid positions for per-position losses)."""
         with self._forward_context():
             if self.mode == "vmap":
-                return vmap(self._call, in_dims=(0, 0))(self._params[0], stacked_batch)
-            return torch.stack(
-                [self._call(self._params[c], chain_slice(stacked_batch, c)) for c in range(self.num_chains)]
-            )
+                output = vmap(self._call, in_dims=(0, 0))(self._params[0], stacked_batch)
+            else:
+                output = _stack_outputs(
+                    [
+                        self._call(self._params[c], chain_slice(stacked_batch, c))
+                        for c in range(self.num_chains)
+                    ]
+                )
+        return _chain_means(output)
 
     @torch.no_grad()
     def _center_losses(self, stacked_batch: Batch) -> torch.Tensor:
-        """``[chains, B]`` per-sample losses at ``w*`` on each chain's minibatch (one forward, broadcast,
+        """``[chains]`` minibatch mean loss at ``w*`` on each chain's minibatch (one forward, broadcast,
         when the chains share their minibatches)."""
         with self._forward_context():
             if self.config.shared_batches:
-                losses = self._call({}, chain_slice(stacked_batch, 0))
-                return losses.unsqueeze(0).expand(self.num_chains, *losses.shape)
+                losses, mask = split_loss_output(self._call({}, chain_slice(stacked_batch, 0)))
+                return masked_mean(losses.float(), mask).expand(self.num_chains)
             if self.mode == "vmap":
-                return vmap(lambda b: self._call({}, b))(stacked_batch)
-            return torch.stack(
-                [self._call({}, chain_slice(stacked_batch, c)) for c in range(self.num_chains)]
-            )
+                output = vmap(lambda b: self._call({}, b))(stacked_batch)
+            else:
+                output = _stack_outputs(
+                    [self._call({}, chain_slice(stacked_batch, c)) for c in range(self.num_chains)]
+                )
+        return _chain_means(output)
 
     @torch.no_grad()
-    def center_losses(self, batch: Batch) -> torch.Tensor:
-        """``[B]`` per-sample losses of one ``batch`` at the checkpoint ``w*``."""
+    def center_call(self, batch: Batch) -> Any:
+        """What ``loss_fn`` returns on one ``batch`` at the checkpoint ``w*`` (unchecked)."""
         with evaluation_mode(self.model), self._forward_context():
             return self._call({}, batch_to(batch, self._device))
 
     @torch.no_grad()
+    def center_output(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(losses, mask)`` of one ``batch`` at the checkpoint ``w*``: losses ``[B]`` or ``[B, T]``,
+        mask ``[B, T]`` or ``None`` (every entry a sample)."""
+        return split_loss_output(self.center_call(batch))
+
+    @torch.no_grad()
+    def center_losses(self, batch: Batch) -> torch.Tensor:
+        """``[B]`` per-sample (or ``[B, T]`` per-position) losses of one ``batch`` at the checkpoint."""
+        return self.center_output(batch)[0]
+
+    @torch.no_grad()
     def per_sample_losses(self, batch: Batch) -> torch.Tensor:
-        """``[chains, B]`` per-sample losses of one shared ``batch`` at each chain's current parameters."""
+        """``[chains, B]`` per-sample (or ``[chains, B, T]`` per-position) losses of one shared ``batch``
+        at each chain's current parameters."""
         batch = batch_to(batch, self._device)
         with evaluation_mode(self.model), self._forward_context():
             if self.mode == "vmap":
-                return vmap(self._call, in_dims=(0, None))(self._params[0], batch)
-            return torch.stack([self._call(p, batch) for p in self._params])
+                output = vmap(self._call, in_dims=(0, None))(self._params[0], batch)
+            else:
+                output = _stack_outputs([self._call(p, batch) for p in self._params])
+        return split_loss_output(output)[0]
 
     @torch.no_grad()
     def evaluate(self, fn: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
@@ -360,8 +394,9 @@ class ChainRunner:
             self._batches.source, min(2, self.config.batch_size), self.chain_ids, self.config.seed, -2
         )
         try:
-            losses = self._step_losses(batch_to(probe.next_stacked(), self._device))
-            losses.float().mean(dim=1).sum().backward()
+            self._step_losses(batch_to(probe.next_stacked(), self._device)).sum().backward()
+        except EmptyMinibatchError:
+            raise
         except Exception as error:
             warnings.warn(
                 "SGLD chains fall back to the sequential path: the module could not be vmapped "
@@ -389,8 +424,7 @@ class ChainRunner:
             draw, offset = divmod(step - cfg.num_burnin_steps, cfg.steps_between_draws)
             is_draw = step >= cfg.num_burnin_steps and offset == 0
             batch = batch_to(self._batches.next_stacked(), self._device)
-            per_sample = self._step_losses(batch)
-            loss = per_sample.float().mean(dim=1)
+            loss = self._step_losses(batch)
             loss.sum().backward()
             loss = loss.detach()
             bad = (~torch.isfinite(loss) | (loss > threshold)).cpu() & ~diverged
@@ -399,7 +433,7 @@ class ChainRunner:
                 diverged_at[bad] = step
             sample_metrics = is_draw and draw % metric_every == 0
             if is_draw and on_draw is not None:
-                center = self._center_losses(batch).float().mean(dim=1) if cfg.paired else None
+                center = self._center_losses(batch) if cfg.paired else None
                 distance = self._distance() if sample_metrics else None
                 on_draw(DrawRecord(draw, step, loss, center, ~diverged, distance, self))
             metrics = self._optimizer_step(sample_metrics)
@@ -443,3 +477,27 @@ class ChainRunner:
         for c in torch.nonzero(diverged).flatten().tolist():
             for n, p in self._chain_params(c).items():
                 p.copy_(self._center[n])
+
+
+def _stack_outputs(outputs: list[Any]) -> Any:
+    """Stack per-chain loss outputs (tensors, or ``(losses, mask)`` pairs) along a leading chain dim."""
+    pairs = [split_loss_output(o) for o in outputs]
+    losses = torch.stack([p[0] for p in pairs])
+    if pairs[0][1] is None:
+        return losses
+    return losses, torch.stack([p[1] for p in pairs])
+
+
+def _chain_means(output: Any) -> torch.Tensor:
+    """``[chains]`` mean loss over each chain's valid samples of a stacked loss output.
+
+    Raises:
+        ValueError: a chain's minibatch has no valid position (its mean would be 0/0).
+    """
+    losses, mask = split_loss_output(output)
+    if mask is not None and bool((mask.flatten(1).sum(dim=1) == 0).any()):
+        raise EmptyMinibatchError(
+            "loss_fn's mask marks no valid position in an SGLD minibatch; every minibatch needs at least "
+            "one True position (raise SGLDConfig.batch_size, or drop samples without valid positions)"
+        )
+    return masked_mean(losses.float(), mask, start_dim=1)
