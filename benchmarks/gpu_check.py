@@ -3,7 +3,7 @@ against plain training steps on a small transformer LM. One line per figure.
 
 Run from the repository root::
 
-    python -m benchmarks.gpu_check --device cuda            # on a GPU machine (about a minute)
+    python -m benchmarks.gpu_check --device cuda            # on a GPU machine (a few minutes)
     python -m benchmarks.gpu_check --device cpu --quick     # smoke run: the CUDA tests are skipped
 
 The model is the decoder-only byte LM of ``benchmarks/bench_llc.py`` at d_model 256, 2 layers, 4 heads,
