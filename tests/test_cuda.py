@@ -46,6 +46,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 DEVICE = torch.device("cuda")
 TRUTH = 5.5  # LLC of the 10 weights + bias of the regression at its least-squares solution
+# Losses at w* on the same minibatches, computed by other kernels (batched or not, GPU or CPU): equal up to
+# float32 rounding (~1e-6), compared at 1e-3; on different minibatches they differ by tens of percent.
+SAME_BATCHES = dict(rtol=1e-3, atol=1e-5)
 
 
 def llc_config(**overrides: object) -> lp.SGLDConfig:
@@ -117,7 +120,7 @@ def test_llc_vmap_and_sequential_on_cuda_agree_within_monte_carlo_error(llc_by_m
     assert abs(vmapped.mean - sequential.mean) < 5 * math.hypot(vmapped.stderr, sequential.stderr)
     # Minibatches come from per-chain CPU streams in either mode: the checkpoint's losses on them agree ...
     assert vmapped.center_trace is not None and sequential.center_trace is not None
-    torch.testing.assert_close(vmapped.center_trace, sequential.center_trace, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vmapped.center_trace, sequential.center_trace, **SAME_BATCHES)
     # ... while the noise, and so the chains, differ.
     assert not torch.equal(vmapped.trace, sequential.trace)
 
@@ -126,7 +129,7 @@ def test_llc_on_cuda_and_on_cpu_see_the_same_minibatches_and_agree(llc_by_mode) 
     cuda, cpu = llc_by_mode["vmap"], llc_by_mode["cpu"]
     print(f"\ncuda {cuda.mean:.3f} ± {cuda.stderr:.3f}, cpu {cpu.mean:.3f} ± {cpu.stderr:.3f}")
     assert cuda.center_trace is not None and cpu.center_trace is not None
-    torch.testing.assert_close(cuda.center_trace, cpu.center_trace, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cuda.center_trace, cpu.center_trace, **SAME_BATCHES)
     assert not torch.equal(cuda.trace, cpu.trace)  # CUDA's generator is not CPU's
     assert abs(cuda.mean - cpu.mean) < 5 * math.hypot(cuda.stderr, cpu.stderr)
 
