@@ -6,6 +6,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.bench_llc --quick           # smoke run (2 repeats, shorter chains)
     .venv/bin/python -m benchmarks.bench_llc --sections llc steps memory --json out.json
     .venv/bin/python -m benchmarks.bench_llc --models mlp --sections profile   # cProfile of estimate_llc
+    .venv/bin/python -m benchmarks.bench_llc --device cuda --sections steps memory   # on a GPU
 
 Two models, the same data and settings on both sides:
 
@@ -28,6 +29,11 @@ Sections:
 
 Every time is recorded as process CPU time and as wall-clock time; on a shared machine the CPU time is the
 more stable of the two. ``--threads`` (default 1) sets ``torch.set_num_threads``.
+
+``--device cuda`` (default ``cpu``) puts the models and data on the GPU (training of ``w*`` stays on the
+CPU) and runs devinterp there too. Every clock reading is then preceded by ``torch.cuda.synchronize()``,
+wall-clock time is the figure to read (process CPU time only counts the host), and section 3 reports
+``torch.cuda.max_memory_allocated`` instead of resident memory.
 """
 
 from __future__ import annotations
@@ -81,6 +87,13 @@ LABELS = {
 }
 SEED = 0
 DEVINTERP_SEED = 100  # devinterp's default init_seed
+DEVICE = torch.device("cpu")  # set by --device
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a clock read afterwards includes it (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -244,6 +257,7 @@ def make_mlp_case(quick: bool, train: bool = True) -> Case:
     model = MLP(d_in)
     steps = (150 if quick else 600) if train else 0
     final = _train(model, lambda i: (model(x[i]) - y[i]).square().mean(), n, 128, steps)
+    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
 
     def loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
         inputs, targets = batch
@@ -292,6 +306,7 @@ def make_lm_case(quick: bool, attention: str = "manual", train: bool = True) -> 
     model = TinyLM(context=context, attention=attention)
     steps = (30 if quick else 120) if train else 0
     final = _train(model, lambda i: lm_token_losses(model, windows[i]).mean(), n, 16, steps)
+    model = model.to(DEVICE)
 
     def loss_fn(module: nn.Module, batch: Any) -> torch.Tensor:
         return lm_token_losses(module, batch[0]).mean(dim=1)
@@ -308,7 +323,7 @@ def make_lm_case(quick: bool, attention: str = "manual", train: bool = True) -> 
         name="lm",
         description=f"byte LM d128 L4 H4 MLP640 ctx64 ({attention} attention), {n} windows",
         model=model,
-        dataset=TensorDataset(windows),
+        dataset=TensorDataset(windows.to(DEVICE)),
         loss_fn=loss_fn,
         di_dataset=_hf_dataset(windows.tolist()),
         di_loss_fn=lm_token_losses,
@@ -354,7 +369,7 @@ def run_devinterp(case: Case, **overrides: Any) -> float:
                 batch_size=s["batch_size"],
                 num_init_loss_batches=32,
                 init_seed=DEVINTERP_SEED,
-                device="cpu",
+                device=str(DEVICE),
                 output_path=Path(folder) / "samples.zarr",
             )
             return float(result.llc_mean)
@@ -374,8 +389,10 @@ CLOCKS = ("cpu", "wall")
 
 
 def stamp() -> tuple[float, float]:
-    """(process CPU seconds, wall seconds). CPU time counts every thread of this process (devinterp's zarr
-    writer threads included) and is far less disturbed by other jobs on a shared machine than wall time."""
+    """(process CPU seconds, wall seconds), after the GPU's queued work (``--device cuda``). CPU time counts
+    every thread of this process (devinterp's zarr writer threads included) and is far less disturbed by
+    other jobs on a shared machine than wall time."""
+    synchronize()
     return time.process_time(), time.perf_counter()
 
 
@@ -644,18 +661,27 @@ def _status_mib(field: str) -> float:
 def _child_memory(
     case_name: str, contestant: str, state_path: str, quick: bool, threads: int, attention: str
 ) -> None:
-    """Run one contestant once in this (fresh) process and print its peak RSS as JSON. The trained weights
-    come from ``state_path`` so that training does not set the peak.
+    """Run one contestant once in this (fresh) process and print its peak memory as JSON. The trained
+    weights come from ``state_path`` so that training does not set the peak.
 
-    Uses /proc/self/status (``VmHWM``, the peak RSS of this process image, reset through
+    On the CPU: /proc/self/status (``VmHWM``, the peak RSS of this process image, reset through
     /proc/self/clear_refs right before the run); ``getrusage``'s ``ru_maxrss`` would be useless here because
-    Linux carries it over from the parent across fork + exec."""
+    Linux carries it over from the parent across fork + exec. On a GPU: ``torch.cuda.max_memory_allocated``
+    (reset right before the run), the peak of tensors allocated on the device."""
     torch.set_num_threads(threads)
     case = make_case(case_name, quick, attention, train=False)
-    case.model.load_state_dict(torch.load(state_path))
+    case.model.load_state_dict(torch.load(state_path, map_location=DEVICE))
     if contestant == "devinterp":
         import devinterp.slt.llc  # noqa: F401  (import cost is not the sampler's memory)
     gc.collect()
+    if DEVICE.type == "cuda":
+        synchronize()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        before = torch.cuda.memory_allocated(DEVICE) / 2**20
+        run_contestant(case, contestant)
+        synchronize()
+        print(json.dumps({"before_mib": before, "peak_mib": torch.cuda.max_memory_allocated(DEVICE) / 2**20}))
+        return
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_mib("VmRSS")
     run_contestant(case, contestant)
@@ -670,6 +696,7 @@ def bench_memory(case: Case, quick: bool, threads: int, attention: str) -> dict[
         for contestant in CONTESTANTS:
             command = [sys.executable, "-m", "benchmarks.bench_llc", "--_child-memory", case.name, contestant]
             command += [state_path, "--threads", str(threads), "--attention", attention]
+            command += ["--device", str(DEVICE)]
             command += ["--quick"] if quick else []
             done = subprocess.run(command, capture_output=True, text=True, check=True)
             out[contestant] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -701,9 +728,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
+    gpu = f", GPU {torch.cuda.get_device_name(DEVICE)}" if DEVICE.type == "cuda" else ""
     return (
         f"{model}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, device {DEVICE}{gpu}"
     )
 
 
@@ -810,10 +838,12 @@ def report(results: dict[str, Any]) -> str:
         ]
         lines.append("")
     if "memory" in results:
+        on_gpu = results.get("device", "cpu").startswith("cuda")
+        what = "torch.cuda.max_memory_allocated" if on_gpu else "RSS"
         lines += [
-            "## 3. Peak resident memory (fresh subprocess per contestant)",
+            f"## 3. Peak {'GPU' if on_gpu else 'resident'} memory (fresh subprocess per contestant)",
             "",
-            "| model | contestant | RSS before (MiB) | peak RSS (MiB) | added (MiB) |",
+            f"| model | contestant | {what} before (MiB) | peak {what} (MiB) | added (MiB) |",
             "|---|---|---:|---:|---:|",
         ]
         for name, res in results["memory"].items():
@@ -825,6 +855,19 @@ def report(results: dict[str, Any]) -> str:
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+def parse_device(name: str, parser: argparse.ArgumentParser) -> torch.device:
+    """``--device``: ``cpu`` or ``cuda[:index]``, refused clearly where CUDA is missing."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device must be cpu or cuda[:index], got {name!r}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:index], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch finds no CUDA device here")
+    return device
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -840,9 +883,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--attention", default="manual", choices=["manual", "sdpa"], help="LM attention")
     parser.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    parser.add_argument("--device", default="cpu", help="where models, data and chains live: cpu or cuda")
     parser.add_argument("--_child-memory", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = parse_device(args.device, parser)
     if args._child_memory is not None:
         _child_memory(*args._child_memory, quick=args.quick, threads=args.threads, attention=args.attention)
         return
@@ -852,6 +898,7 @@ def main(argv: list[str] | None = None) -> None:
         print(message, file=sys.stderr, flush=True)
 
     results: dict[str, Any] = {"machine": machine(), "repeats": repeats, "quick": args.quick, "cases": {}}
+    results["device"] = str(DEVICE)
     results["load_start"] = os.getloadavg()
     for name in args.models:
         log(f"building {name} ...")

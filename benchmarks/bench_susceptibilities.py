@@ -5,6 +5,7 @@ Run from the repository root::
     .venv/bin/python -m benchmarks.bench_susceptibilities            # reference case (~45 min on 1 core)
     .venv/bin/python -m benchmarks.bench_susceptibilities --quick    # smoke run (~1 min)
     .venv/bin/python -m benchmarks.bench_susceptibilities --draws 200 --json out.json
+    .venv/bin/python -m benchmarks.bench_susceptibilities --device cuda    # models and chains on a GPU
 
 Reference case (the issue "Susceptibilities"): ``recipes.induction.InductionLM`` (2-layer attention-only
 byte LM, 8 heads per layer, d_model 64, context 32, 68,736 parameters), trained for 300 AdamW steps on byte
@@ -30,6 +31,11 @@ of their standard deviations. Because both rows are Monte-Carlo estimates, ``--n
 ours k = 1 with another seed: ours-vs-ours agreement is the level that MC error allows. Before the runs, the
 integrated autocorrelation time of the draw series (``L`` and probe losses, full chains and two heads) is
 measured: thinning by k ≲ τ drops draws that carry little independent information.
+
+``--device cuda`` (default ``cpu``) runs both contestants and the autocorrelation chains with the model on
+the GPU (the short training of ``w*`` stays on the CPU); clocks are read after ``torch.cuda.synchronize()``
+and the memory columns are ``torch.cuda.max_memory_allocated`` (and the allocation just before the
+estimate) instead of resident memory.
 """
 
 from __future__ import annotations
@@ -125,10 +131,10 @@ def train(settings: dict[str, Any], path: Path) -> float:
     return float(loss.detach())
 
 
-def load_model(path: Path) -> Any:
+def load_model(path: Path, device: str = "cpu") -> Any:
     model = make_model()
     model.load_state_dict(torch.load(path, weights_only=True))
-    return model
+    return model.to(device)
 
 
 # --------------------------------------------------------------------------------------------- workers
@@ -146,11 +152,37 @@ def _peak_kb() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def run_ours(job: Job, settings: dict[str, Any], weights: Path) -> dict[str, Any]:
+class Meter:
+    """Wall and CPU seconds and memory of one estimate on ``device``: resident memory on the CPU (the RSS
+    before it and the process's peak), ``torch.cuda.memory_allocated`` before it and
+    ``torch.cuda.max_memory_allocated`` during it on a GPU; clocks read after ``torch.cuda.synchronize``."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+
+    def start(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before_kb = torch.cuda.memory_allocated(self.device) // 1024
+        else:
+            self.before_kb = _rss_kb()
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+
+    def stop(self) -> dict[str, Any]:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        wall, cpu = time.perf_counter() - self._wall, time.process_time() - self._cpu
+        peak = torch.cuda.max_memory_allocated(self.device) // 1024 if self.cuda else _peak_kb()
+        return dict(wall=wall, cpu=cpu, peak_kb=peak, rss_before_kb=self.before_kb)
+
+
+def run_ours(job: Job, settings: dict[str, Any], weights: Path, device: str) -> dict[str, Any]:
     import lightning_patterning as lp
     from lightning_patterning.attention import head_restrictions
 
-    model = load_model(weights)
+    model = load_model(weights, device)
     windows, probe = make_data(settings)
     # the unrestricted ("full") chains run inside: every restricted row needs them (devinterp reports
     # only the 16 restricted rows too)
@@ -169,8 +201,8 @@ def run_ours(job: Job, settings: dict[str, Any], weights: Path) -> dict[str, Any
     def loss_fn(module: Any, batch: Any) -> torch.Tensor:
         return module.per_sample_loss(batch)
 
-    rss_before = _rss_kb()
-    start_cpu, start = time.process_time(), time.perf_counter()
+    meter = Meter(device)
+    meter.start()
     chi = lp.estimate_susceptibilities(
         model,
         loss_fn,
@@ -181,19 +213,15 @@ def run_ours(job: Job, settings: dict[str, Any], weights: Path) -> dict[str, Any
         loss_batches=settings["loss_batches"],
         probe_batch_size=job.probe_batch_size or settings["probe_batch_size"],
     )
-    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     return dict(
-        wall=wall,
-        cpu=cpu,
-        peak_kb=_peak_kb(),
-        rss_before_kb=rss_before,
+        **meter.stop(),
         names=list(chi.names),
         rows=chi.matrix.double(),
         stderr=chi.stderr.double(),
     )
 
 
-def run_devinterp(job: Job, settings: dict[str, Any], weights: Path) -> dict[str, Any]:
+def run_devinterp(job: Job, settings: dict[str, Any], weights: Path, device: str) -> dict[str, Any]:
     import numpy as np
     import xarray as xr
     from datasets import Dataset
@@ -202,7 +230,7 @@ def run_devinterp(job: Job, settings: dict[str, Any], weights: Path) -> dict[str
 
     from lightning_patterning.attention import head_restrictions
 
-    model = load_model(weights)
+    model = load_model(weights, device)
     windows, probe = make_data(settings)
     heads = head_restrictions(model)
     restrictions: dict[str, Any] = {"full": None}
@@ -220,8 +248,8 @@ def run_devinterp(job: Job, settings: dict[str, Any], weights: Path) -> dict[str
 
     folder = Path(tempfile.mkdtemp(prefix="bench_sus_devinterp_"))
     try:
-        rss_before = _rss_kb()
-        start_cpu, start = time.process_time(), time.perf_counter()
+        meter = Meter(device)
+        meter.start()
         with torch.random.fork_rng(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tree = susceptibilities(
@@ -239,13 +267,12 @@ def run_devinterp(job: Job, settings: dict[str, Any], weights: Path) -> dict[str
                 batch_size=batch,
                 localization=settings["localization"],
                 init_seed=100 + job.seed,
-                device="cpu",
+                device=device,
                 output_path=folder / "samples.zarr",
             )
             sus = tree["susceptibilities"]["sus"].values  # [N × positions, wr], probe only
             wr_names = [str(w) for w in tree["susceptibilities"]["wr"].values]
-        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
-        peak = _peak_kb()
+        measured = meter.stop()
 
         # devinterp evaluates the probe in DeterministicShuffledSampler order: map rows back to probe order.
         order = DeterministicShuffledSampler(probe_ds, len(probe), seed=1337).indices
@@ -266,10 +293,7 @@ def run_devinterp(job: Job, settings: dict[str, Any], weights: Path) -> dict[str
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return dict(
-        wall=wall,
-        cpu=cpu,
-        peak_kb=peak,
-        rss_before_kb=rss_before,
+        **measured,
         names=wr_names,
         rows=rows,
         rows_same_center=rows_same_center,
@@ -294,7 +318,7 @@ def _devinterp_rows_recomputed(
         ).dataset
 
     full = data("full")
-    ids = torch.as_tensor(full["input_ids_pretrain"].values)
+    ids = torch.as_tensor(full["input_ids_pretrain"].values).to(next(model.parameters()).device)
     with torch.no_grad():
         center = float(model.per_token_loss(ids).double().mean())
     native_center = float(full["init_loss"].values.mean())
@@ -328,7 +352,7 @@ def _devinterp_rows_recomputed(
 
 
 def autocorrelation(
-    settings: dict[str, Any], weights: Path, steps: int, probe_columns: int = 64
+    settings: dict[str, Any], weights: Path, steps: int, probe_columns: int = 64, device: str = "cpu"
 ) -> dict[str, Any]:
     """Integrated autocorrelation time (in SGLD steps) of the draw series that enter the estimator.
 
@@ -344,7 +368,7 @@ def autocorrelation(
     from lightning_patterning.sgld.config import SGLDConfig
     from lightning_patterning.sgld.restrict import resolve_param_masks
 
-    model = load_model(weights)
+    model = load_model(weights, device)
     windows, probe = make_data(settings)
     config = SGLDConfig(
         lr=settings["lr"],
@@ -374,8 +398,8 @@ def autocorrelation(
         series_probe: list[torch.Tensor] = []
 
         def record(draw: Any, series_loss: list = series_loss, series_probe: list = series_probe) -> None:
-            series_loss.append(torch.stack([draw.per_sample_losses(b).mean(1) for b in fixed]).mean(0))
-            series_probe.append(draw.per_sample_losses(columns).double())
+            series_loss.append(torch.stack([draw.per_sample_losses(b).mean(1) for b in fixed]).mean(0).cpu())
+            series_probe.append(draw.per_sample_losses(columns).double().cpu())
 
         ChainRunner(model, loss_fn, source, config, masks, run=index).run(record)
         loss = torch.stack(series_loss, dim=1).double()  # [chains, draws]
@@ -412,14 +436,16 @@ def worker(arguments: argparse.Namespace) -> None:
     job = Job(**json.loads(arguments.worker))
     settings = json.loads(arguments.settings)
     run = run_devinterp if job.contestant == "devinterp" else run_ours
-    result = run(job, settings, Path(arguments.weights))
+    result = run(job, settings, Path(arguments.weights), arguments.device)
     torch.save(result, arguments.out)
 
 
 # ------------------------------------------------------------------------------------------------ main
 
 
-def spawn(job: Job, settings: dict[str, Any], weights: Path, folder: Path, threads: int) -> dict[str, Any]:
+def spawn(
+    job: Job, settings: dict[str, Any], weights: Path, folder: Path, threads: int, device: str
+) -> dict[str, Any]:
     out = folder / f"{job.name}.pt"
     command = [
         sys.executable,
@@ -435,6 +461,8 @@ def spawn(job: Job, settings: dict[str, Any], weights: Path, folder: Path, threa
         str(out),
         "--threads",
         str(threads),
+        "--device",
+        device,
     ]
     subprocess.run(command, check=True)
     return torch.load(out, weights_only=False)
@@ -492,6 +520,7 @@ def main() -> None:
         "--draws", type=int, default=None, help="draws of devinterp and ours k=1 (default 100)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads in every worker")
+    parser.add_argument("--device", default="cpu", help="where the model and chains live: cpu or cuda")
     parser.add_argument("--only", nargs="*", default=None, help="run only these jobs (names)")
     parser.add_argument("--noise-reference", action="store_true", help="also run ours k=1 with a second seed")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
@@ -507,6 +536,10 @@ def main() -> None:
     parser.add_argument("--weights", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     arguments = parser.parse_args()
+    if arguments.device.split(":")[0] not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda[:index], got {arguments.device!r}")
+    if arguments.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda: torch finds no CUDA device here")
     if arguments.worker:
         worker(arguments)
         return
@@ -542,7 +575,7 @@ def main() -> None:
         taus = (
             earlier["autocorrelation"]
             if earlier is not None
-            else autocorrelation(settings, weights, steps=draws, probe_columns=32)
+            else autocorrelation(settings, weights, steps=draws, probe_columns=32, device=arguments.device)
         )
         for name, t in taus.items():
             print(
@@ -559,11 +592,11 @@ def main() -> None:
                 print(f"{job.name}: reused from {arguments.reuse}", flush=True)
                 continue
             loads[job.name] = _load()
-            results[job.name] = spawn(job, settings, weights, folder, arguments.threads)
+            results[job.name] = spawn(job, settings, weights, folder, arguments.threads, arguments.device)
             r = results[job.name]
             print(
                 f"{job.name:<20} draws {job.draws:>4} steps {job.steps:>4}: wall {r['wall']:7.1f} s, "
-                f"cpu {r['cpu']:7.1f} s, peak RSS {r['peak_kb'] / 1024:6.0f} MiB "
+                f"cpu {r['cpu']:7.1f} s, peak {_memory(arguments.device)} {r['peak_kb'] / 1024:6.0f} MiB "
                 f"(before {r['rss_before_kb'] / 1024:.0f} MiB); load before {loads[job.name]}",
                 flush=True,
             )
@@ -575,7 +608,8 @@ def main() -> None:
     if arguments.json is not None:
         payload = {
             "settings": settings,
-            "machine": machine(),
+            "device": arguments.device,
+            "machine": machine(arguments.device),
             "jobs": [asdict(j) for j in jobs],
             "results": {
                 n: {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in r.items()}
@@ -603,14 +637,23 @@ def _load_json(path: Path) -> dict[str, Any]:
     return payload
 
 
-def machine() -> str:
+def _memory(device: str) -> str:
+    """What the memory columns measure on ``device``."""
+    return "cuda max_memory_allocated" if device.startswith("cuda") else "RSS"
+
+
+def machine(device: str = "cpu") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.startswith("cuda") else ""
+    return (
+        f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}, "
+        f"device {device}{gpu}"
+    )
 
 
 def report_markdown(
@@ -623,7 +666,7 @@ def report_markdown(
 ) -> str:
     base = results["devinterp"]
     lines = [
-        f"machine: {machine()}; threads {arguments.threads}",
+        f"machine: {machine(arguments.device)}; threads {arguments.threads}",
         "",
         "Integrated autocorrelation time in SGLD steps (k = 1 draws, "
         + ", ".join(
@@ -631,8 +674,9 @@ def report_markdown(
         )
         + ")",
         "",
-        "| run | draws | SGLD steps | wall s | CPU s | speed-up (wall) | peak RSS MiB "
-        "| peak − RSS before MiB | corr vs devinterp, median [min, max] | scale ratio | load before |",
+        "| run | draws | SGLD steps | wall s | CPU s | speed-up (wall) "
+        f"| peak {_memory(arguments.device)} MiB | peak − before MiB "
+        "| corr vs devinterp, median [min, max] | scale ratio | load before |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for job in jobs:

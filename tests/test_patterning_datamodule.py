@@ -217,6 +217,19 @@ def test_state_is_stashed_until_the_sampler_exists():
     assert target.weights.tolist() == (torch.arange(12.0) + 1).tolist()
 
 
+
+def test_restored_pending_weights_are_validated_into_a_float64_cpu_copy():
+    """Pending weights from a checkpoint (e.g. loaded with ``map_location="cuda"``, or as float32) are held
+    like ``set_weights`` holds them; invalid ones are refused by name."""
+    saved = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float32)
+    dm = PatterningDataModule(IndexData(n=3))
+    dm.load_state_dict({"datamodule": {}, "weights": saved})
+    saved[0] = 100.0  # the module holds a copy
+    assert dm.weights.dtype == torch.float64 and dm.weights.tolist() == [1.0, 2.0, 3.0]
+    assert dm.state_dict()["weights"].device.type == "cpu"
+    with pytest.raises(ValueError, match="weights"):
+        dm.load_state_dict({"datamodule": {}, "weights": torch.tensor([1.0, -1.0, 1.0])})
+
 def test_clear_errors_for_unsupported_training_loaders():
     class Returns(L.LightningDataModule):
         def __init__(self, loader: Any) -> None:

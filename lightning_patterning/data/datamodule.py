@@ -243,12 +243,17 @@ class PatterningDataModule(pl.LightningDataModule):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the sampler state is applied now, or when the sampler is built."""
+        """Restore :meth:`state_dict`; the sampler state is applied now, or when the sampler is built.
+
+        Raises:
+            ValueError: the saved pending weights are not valid weights (NaN/inf, negative, zero sum).
+        """
         self.datamodule.load_state_dict(state_dict.get("datamodule", {}))
         if self.token_rule is not None and state_dict.get("token_rule") is not None:
             self.token_rule.load_state_dict(state_dict["token_rule"])
-        if state_dict.get("weights") is not None:
-            self._pending_weights = state_dict["weights"]
+        weights = state_dict.get("weights")
+        if weights is not None:  # validated like set_weights: a float64 CPU copy, whatever device it was on
+            self._pending_weights = validate_weights(weights, len(weights))
         sampler_state = state_dict.get("sampler")
         if sampler_state is not None and self._sampler is not None:
             self._sampler.load_state_dict(sampler_state)
