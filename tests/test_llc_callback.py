@@ -85,7 +85,7 @@ def test_logs_scalars_and_trace_figure_to_tensorboard(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"llc/mean", "llc/std", "llc/stderr", "sgld/llc/diverged_chains", "sgld/llc/noise_norm"} <= set(
+    assert {"llc/mean", "llc/std", "llc/stderr", "llc/sgld/diverged_chains", "llc/sgld/noise_norm"} <= set(
         tags["scalars"]
     )
     logged = [(e.step, e.value) for e in events.Scalars("llc/mean")]

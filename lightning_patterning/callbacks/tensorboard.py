@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,9 +27,13 @@ def tensorboard_writers(trainer: pl.Trainer, what: str) -> list[Any]:
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Send scalars straight to every logger at ``step`` (unaffected by ``log_every_n_steps``)."""
+    """Send the finite scalars straight to every logger at ``step`` (unaffected by ``log_every_n_steps``);
+    NaN/inf values are left out."""
+    finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    if not finite:
+        return
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+        logger.log_metrics(finite, step=step)
 
 
 def log_trace_figure(trainer: pl.Trainer, tag: str, trace: torch.Tensor, reference: float, step: int) -> None:
@@ -50,10 +55,14 @@ def log_trace_figure(trainer: pl.Trainer, tag: str, trace: torch.Tensor, referen
 
 
 def add_layout(trainer: pl.Trainer, section: str, charts: dict[str, list[str]]) -> None:
-    """Register a custom-scalars dashboard section: chart title → tag regexes (one multiline chart each)."""
-    layout = {section: {title: ["Multiline", tags] for title, tags in charts.items()}}
+    """Register a custom-scalars dashboard section: chart title → tag regexes (one multiline chart each).
+
+    TensorBoard shows only the last layout written to a run, so each writer keeps the sections registered
+    so far (one per callback) and every call writes their union."""
     for writer in tensorboard_writers(trainer, "the custom-scalars layout"):
-        writer.add_custom_scalars(layout)
+        sections = writer.__dict__.setdefault("_lightning_patterning_layout", {})
+        sections[section] = {title: ["Multiline", tags] for title, tags in charts.items()}
+        writer.add_custom_scalars(dict(sections))
 
 
 def log_matrix_figures(

@@ -41,9 +41,10 @@ from lightning_patterning.estimators.probe import GroupSpec, ProbeSet
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.estimators.streaming import FullChainSums, RestrictedChainSums, reduce_sums
 from lightning_patterning.observables import LLC, Custom, Observable, ProbeLoss, Restricted, check_observables
-from lightning_patterning.sgld.batches import Batch, SampleSource, reference_batches
+from lightning_patterning.sgld.batches import Batch, SampleSource, reference_indices
 from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext
 from lightning_patterning.sgld.config import SGLDConfig
+from lightning_patterning.sgld.divergence import check_finite_at_checkpoint, warn_non_finite
 from lightning_patterning.sgld.functional import LossFn
 from lightning_patterning.sgld.restrict import ParamMasks, resolve_param_masks
 
@@ -64,7 +65,7 @@ def estimate_susceptibilities(
     run: int = 0,
     all_reduce: AllReduce | None = None,
     forward_context: ForwardContext | None = None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> Susceptibilities:
     """Estimate the susceptibility matrix ``χ`` [observables × probe samples or groups] at the current
     weights.
@@ -88,7 +89,13 @@ def estimate_susceptibilities(
         run: index of this estimation, mixed into the seeds.
         all_reduce: sums a tensor over processes.
         forward_context: factory of a context manager around forwards.
-        progress: show progress bars.
+        progress: show progress bars (a string: with this label).
+
+    Chains whose loss or gradient becomes non-finite are dropped (one ``NonFiniteLossWarning`` per call).
+
+    Raises:
+        NonFiniteCheckpointError: at the checkpoint, a sample of the fixed loss batches or of the probe has
+            a non-finite loss (the message says whether the weights or the data are the cause).
     """
     if not isinstance(config, SGLDConfig):
         raise TypeError(f"config must be an SGLDConfig, got {type(config).__name__}")
@@ -98,7 +105,8 @@ def estimate_susceptibilities(
     restricted_masks = {o.name: restriction_masks(model, o) for o in observables if isinstance(o, Restricted)}
     probe_set = ProbeSet(probe, probe_indices, groups, probe_batch_size)
     source = SampleSource(dataloader)
-    fixed = reference_batches(source, config.batch_size, loss_batches, config.seed, run)
+    fixed_ids = reference_indices(source.size, config.batch_size, loss_batches, config.seed, run)
+    fixed = [source.fetch(indices) for indices in fixed_ids]
     plain = [o for o in observables if not o.restricted]
     plain_data = {o.name: _probe_loss_batches(o, probe_batch_size) for o in plain if isinstance(o, ProbeLoss)}
 
@@ -120,11 +128,12 @@ def estimate_susceptibilities(
         )
 
     full_runner = runner(resolve_param_masks(model, None), 0)
-    center_loss = _mean_loss(full_runner.center_losses, fixed)
+    center_loss = _checked_center_loss(full_runner, fixed, fixed_ids, probe_set)
     full = FullChainSums(full_runner.num_chains, probe_set.size, len(plain))
     observe = _PlainObserver(plain, plain_data, fixed, probe_set.batches, center_loss, config.resolved_nbeta)
     summary = full_runner.run(lambda record: full.add(record, *observe(record)))
     full.drop(summary.diverged)
+    events = list(summary.non_finite)
     restricted: dict[str, RestrictedChainSums] = {}
     for index, (name, masks) in enumerate(restricted_masks.items(), start=1):
         sums = RestrictedChainSums(full_runner.num_chains, probe_set.size, center_loss)
@@ -132,6 +141,8 @@ def estimate_susceptibilities(
         outcome = chains.run(lambda record, s=sums: s.add(record, *observe.losses(record)))
         sums.drop(outcome.diverged)
         restricted[name] = sums
+        events += outcome.non_finite
+    warn_non_finite(events, "estimate_susceptibilities", config.num_chains * (1 + len(restricted_masks)))
     return reduce_sums(
         full,
         restricted,
@@ -215,5 +226,17 @@ def _batch_length(batch: Batch) -> int:
 
 
 @torch.no_grad()
-def _mean_loss(losses_at_center, batches: list[Batch]) -> float:
-    return float(torch.stack([losses_at_center(b).double().mean() for b in batches]).mean())
+def _checked_center_loss(
+    runner: ChainRunner, fixed: list[Batch], fixed_ids: list[torch.Tensor], probe: ProbeSet
+) -> float:
+    """``L(w*)``: the mean over the fixed batches of their mean loss at ``w*``, after checking that every
+    sample of the fixed batches and of the probe has a finite loss there (``NonFiniteCheckpointError``)."""
+    means = []
+    for batch, ids in zip(fixed, fixed_ids, strict=True):
+        losses = runner.center_losses(batch)
+        check_finite_at_checkpoint(runner.model, losses, ids, "the SGLD data")
+        means.append(losses.double().mean())
+    lengths = [_batch_length(b) for b in probe.batches]
+    for batch, ids in zip(probe.batches, probe.sample_ids.split(lengths), strict=True):
+        check_finite_at_checkpoint(runner.model, runner.center_losses(batch), ids, "the probe")
+    return float(torch.stack(means).mean())
