@@ -127,7 +127,7 @@ def test_ddp_ranks_hold_the_same_matrix_matching_single_process(tmp_path):
     assert ranks[0] == ranks[1]
     ddp = {k: torch.tensor(v) for k, v in ranks[0].items()}
     one = {k: torch.tensor(v) for k, v in single.items()}
-    z = (ddp["matrix"] - one["matrix"]) / torch.sqrt(ddp["stderr"] ** 2 + one["stderr"] ** 2)
-    assert z.abs().max() < 5 and z.abs().mean() < 1.6, z
-    correlation = torch.corrcoef(torch.stack([ddp["matrix"].flatten(), one["matrix"].flatten()]))[0, 1]
-    assert correlation > 0.8
+    # chain c's randomness depends only on (seed, run, c): the same chains, to float rounding
+    assert torch.allclose(ddp["matrix"], one["matrix"], rtol=0, atol=1e-3 * float(one["stderr"].min()))
+    assert torch.allclose(ddp["stderr"], one["stderr"], rtol=1e-3)
+    assert torch.allclose(ddp["mu"], one["mu"], rtol=1e-5)
