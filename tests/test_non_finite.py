@@ -269,7 +269,8 @@ def test_non_finite_weights_skip_the_estimate_with_a_warning_naming_the_weights(
     train, _, labels = sources(0)
     L.seed_everything(0, verbose=False)
     data = lp.PatterningDataModule(MixtureData(train), groups=labels, seed=0)
-    with pytest.warns(NonFiniteLossWarning, match=r"step 20: .*weights are non-finite: \[linear\.weight, linear\.bias\]"):
+    match = r"step 20: .*weights are non-finite: \[linear\.weight, linear\.bias\]"
+    with pytest.warns(NonFiniteLossWarning, match=match):
         _trainer(tmp_path, [_PoisonWeights(15), callback], 30).fit(LinearRegressor(), datamodule=data)
     assert [h.get("skipped", 0.0) for h in callback.history] == [0.0, 1.0, 1.0]
     assert math.isfinite(callback.history[0]["mean"])
