@@ -8,13 +8,14 @@ import time
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_patterning.callbacks import tensorboard
+from lightning_patterning.callbacks.progress import sgld_progress
 from lightning_patterning.callbacks.schedule import Schedule
 from lightning_patterning.callbacks.trainer_adapters import (
     StrategySum,
@@ -203,14 +204,8 @@ class EstimationCallback(Callback):
     def _skip(self, trainer: pl.Trainer) -> bool:
         return bool(trainer.sanity_checking or trainer.fast_dev_run or not trainer.training)
 
-    def progress_label(self, trainer: pl.Trainer) -> str | bool:
-        """The SGLD progress bar's label (the callback's name and the step), or False for no bar: only on
-        rank 0, only when ``progress`` is on and the Trainer shows Lightning's tqdm bar
-        (``Trainer(enable_progress_bar=False)`` hides ours too; a tqdm bar would garble other bars, e.g.
-        ``RichProgressBar``'s live display)."""
-        shown = self.progress and trainer.is_global_zero
-        if not shown or not isinstance(trainer.progress_bar_callback, TQDMProgressBar):
-            return False
+    def progress_label(self, trainer: pl.Trainer) -> str:
+        """The label of the SGLD progress bar: the callback's name and the step."""
         return f"{self.name} @ step {trainer.global_step}"
 
     def on_skip(self, trainer: pl.Trainer, error: NonFiniteCheckpointError) -> dict[str, float]:
@@ -223,7 +218,7 @@ class EstimationCallback(Callback):
             "run": self._runs,
             "all_reduce": StrategySum(trainer),
             "forward_context": forward_context(trainer),
-            "progress": self.progress_label(trainer),
+            "progress": sgld_progress(trainer, self.progress, self.progress_label(trainer)),
         }
         start = time.perf_counter()
         try:

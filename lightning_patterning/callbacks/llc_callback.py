@@ -52,7 +52,8 @@ class LLCCallback(EstimationCallback):
         name: prefix of the logged tags and key of the callback state (distinct names let several
             instances coexist, e.g. one per restricted component).
         log_traces: log the chain-trace figure to TensorBoard.
-        progress: show a progress bar during each SGLD run (rank 0).
+        progress: show a progress bar during each SGLD run, labelled ``{name} @ step {step}``: on rank 0,
+            in the Trainer's own progress display (tqdm or Rich), and only when the Trainer shows one.
     """
 
     def __init__(

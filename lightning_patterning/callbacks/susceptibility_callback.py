@@ -20,6 +20,7 @@ from lightning_patterning.estimators.susceptibilities import estimate_susceptibi
 from lightning_patterning.observables import Observable, Restricted, check_observables
 from lightning_patterning.sgld.config import SGLDConfig
 from lightning_patterning.sgld.functional import LossFn
+from lightning_patterning.sgld.restrict import resolve_param_masks
 
 
 class SusceptibilityCallback(EstimationCallback):
@@ -102,6 +103,10 @@ class SusceptibilityCallback(EstimationCallback):
         self.latest: Susceptibilities | None = None
 
     def check_module(self, module: nn.Module) -> None:
+        try:
+            resolve_param_masks(module, None)
+        except ValueError as error:
+            raise MisconfigurationException(f"{type(self).__name__}: {error}") from error
         for observable in self.observables:
             if isinstance(observable, Restricted):
                 try:

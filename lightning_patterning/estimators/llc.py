@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_patterning.sgld.batches import SampleSource, reference_indices
-from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext
+from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext, Progress
 from lightning_patterning.sgld.config import SGLDConfig
 from lightning_patterning.sgld.divergence import check_finite_at_checkpoint, warn_non_finite
 from lightning_patterning.sgld.functional import LossFn
@@ -103,7 +103,7 @@ def estimate_llc(
     run: int = 0,
     all_reduce: AllReduce | None = None,
     forward_context: ForwardContext | None = None,
-    progress: bool | str = False,
+    progress: Progress = False,
 ) -> LLCResult:
     """Estimate the (optionally weight-restricted) LLC of ``model`` at its current parameters.
 
@@ -120,7 +120,7 @@ def estimate_llc(
         run: index of this estimation (mixed into the seeds so repeated runs use fresh randomness).
         all_reduce: sums a tensor over processes; every process then returns the same result.
         forward_context: factory of a context manager around forwards (e.g. the Trainer's precision).
-        progress: show a progress bar (a string: show it with this label).
+        progress: show a progress bar: ``True``, a label, or a ``ProgressFn`` (see ``ChainRunner``).
 
     Returns:
         An ``LLCResult``. Chains whose loss or gradient became non-finite are dropped like diverged ones,

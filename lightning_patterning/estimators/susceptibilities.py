@@ -42,7 +42,7 @@ from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.estimators.streaming import FullChainSums, RestrictedChainSums, reduce_sums
 from lightning_patterning.observables import LLC, Custom, Observable, ProbeLoss, Restricted, check_observables
 from lightning_patterning.sgld.batches import Batch, SampleSource, reference_indices
-from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext
+from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext, Progress
 from lightning_patterning.sgld.config import SGLDConfig
 from lightning_patterning.sgld.divergence import check_finite_at_checkpoint, warn_non_finite
 from lightning_patterning.sgld.functional import LossFn
@@ -65,7 +65,7 @@ def estimate_susceptibilities(
     run: int = 0,
     all_reduce: AllReduce | None = None,
     forward_context: ForwardContext | None = None,
-    progress: bool | str = False,
+    progress: Progress = False,
 ) -> Susceptibilities:
     """Estimate the susceptibility matrix ``χ`` [observables × probe samples or groups] at the current
     weights.
@@ -89,7 +89,7 @@ def estimate_susceptibilities(
         run: index of this estimation, mixed into the seeds.
         all_reduce: sums a tensor over processes.
         forward_context: factory of a context manager around forwards.
-        progress: show progress bars (a string: with this label).
+        progress: show progress bars: ``True``, a label, or a ``ProgressFn`` (see ``ChainRunner``).
 
     Chains whose loss or gradient becomes non-finite are dropped (one ``NonFiniteLossWarning`` per call).
 

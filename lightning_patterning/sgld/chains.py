@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -63,6 +63,10 @@ from lightning_patterning.sgld.restrict import ParamMasks
 from lightning_patterning.sgld.seeding import private_generator
 
 ForwardContext = Callable[[], AbstractContextManager[Any]]
+ProgressFn = Callable[[range, str], Iterable[int]]
+"""``fn(steps, details) -> steps``: wraps the SGLD steps in a progress display (``details`` says e.g.
+``"(4 chains, vmap)"``)."""
+Progress = bool | str | ProgressFn
 
 _METRIC_FIELDS = ("unscaled_grad", "localization", "noise")
 _METRIC_SAMPLES = 10
@@ -182,7 +186,8 @@ class ChainRunner:
             noise are seeded by ``(seed, run, c)``, so its draws do not depend on the other chains.
         run: index of this estimation run (e.g. the how-many-th call of a callback), mixed into seeds.
         forward_context: a factory of a context manager around every forward (e.g. autocast).
-        progress: show a progress bar; a string shows it with that label (e.g. the callback and step).
+        progress: ``True`` shows a tqdm bar, a string shows it with that label (e.g. the callback and
+            step), a ``ProgressFn`` wraps the steps in a display of the caller's (e.g. the Trainer's).
     """
 
     def __init__(
@@ -196,14 +201,13 @@ class ChainRunner:
         chain_ids: Sequence[int] | None = None,
         run: int = 0,
         forward_context: ForwardContext | None = None,
-        progress: bool | str = False,
+        progress: Progress = False,
     ) -> None:
         self.model = model
         self.config = config
         self.chain_ids = list(range(config.num_chains)) if chain_ids is None else list(chain_ids)
         self.run_index = run
-        self.progress = bool(progress)
-        self.description = progress if isinstance(progress, str) and progress else "SGLD"
+        self.progress = progress
         self._forward_context = forward_context or nullcontext
         self._wrapper = LossModule(model, loss_fn)
         named = dict(model.named_parameters())
@@ -559,10 +563,14 @@ class ChainRunner:
             )
         return events
 
-    def _progress(self, steps: range) -> Iterator[int] | range:
+    def _progress(self, steps: range) -> Iterable[int]:
+        details = f"({self.num_chains} chains, {self.mode})"
+        if callable(self.progress):
+            return self.progress(steps, details)
         if not self.progress:
             return steps
-        return tqdm(steps, desc=f"{self.description} ({self.num_chains} chains, {self.mode})", leave=False)
+        label = self.progress if isinstance(self.progress, str) else "SGLD"
+        return tqdm(steps, desc=f"{label} {details}", leave=False)
 
     def _optimizer_step(
         self, sample_metrics: bool, active: torch.Tensor | None = None
