@@ -27,7 +27,7 @@ from lightning_patterning.callbacks.trainer_adapters import (
     sgld_dataloader,
 )
 from lightning_patterning.sgld.batches import SampleSource
-from lightning_patterning.sgld.chains import check_loss_fn
+from lightning_patterning.sgld.check import check_loss_fn
 from lightning_patterning.sgld.config import SGLDConfig
 from lightning_patterning.sgld.divergence import NonFiniteCheckpointError, NonFiniteLossWarning
 from lightning_patterning.sgld.functional import LossFn

@@ -81,7 +81,8 @@ class PatterningCallback(SusceptibilityCallback):
             ``dh = χ†·dμ`` read as given (exact for the additive rule). ``"auto"``: ``"log_weights"`` for
             the multiplicative rule, ``"mass"`` for the additive one. With the multiplicative rule,
             ``"mass"`` lets a held observable drift when the columns' masses differ.
-        one_off: compute the weights once (at the first scheduled step) and keep them.
+        one_off: compute the weights once (at the first scheduled step whose update is applied, i.e. not
+            skipped, non-finite or gated off) and keep them.
         susceptibilities: path of a saved ``Susceptibilities`` (e.g. measured at reference solutions):
             the weights are computed from it once at the start of training and kept (no SGLD during training).
 

@@ -26,15 +26,14 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from devinterp.optim import SGMCMC
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from lightning_patterning.sgld.batches import (
@@ -45,24 +44,30 @@ from lightning_patterning.sgld.batches import (
     capped_batch_size,
     chain_slice,
 )
+from lightning_patterning.sgld.check import ForwardContext, LossCheck, check_loss_fn
 from lightning_patterning.sgld.config import SGLDConfig
-from lightning_patterning.sgld.divergence import (
-    NonFiniteEvent,
-    check_finite_at_checkpoint,
-    non_finite_rows,
-)
+from lightning_patterning.sgld.divergence import NonFiniteEvent, non_finite_events
 from lightning_patterning.sgld.flat import FlatLayout
 from lightning_patterning.sgld.functional import (
     PREFIX,
     LossFn,
     LossModule,
-    check_per_sample_losses,
     evaluation_mode,
 )
 from lightning_patterning.sgld.restrict import ParamMasks
 from lightning_patterning.sgld.seeding import private_generator
 
-ForwardContext = Callable[[], AbstractContextManager[Any]]
+__all__ = [
+    "ChainRunSummary",
+    "ChainRunner",
+    "DrawRecord",
+    "ForwardContext",
+    "LossCheck",
+    "Progress",
+    "ProgressFn",
+    "check_loss_fn",
+]
+
 ProgressFn = Callable[[range, str], Iterable[int]]
 """``fn(steps, details) -> steps``: wraps the SGLD steps in a progress display (``details`` says e.g.
 ``"(4 chains, vmap)"``)."""
@@ -126,51 +131,6 @@ class ChainRunSummary:
     reference_loss: float
     diagnostics: dict[str, float]
     non_finite: list[NonFiniteEvent] = field(default_factory=list)
-
-
-class LossCheck(NamedTuple):
-    """What ``check_loss_fn`` measured at the checkpoint: the mean minibatch loss (over its finite
-    per-sample losses), the FLOPs of that forward (matmul, convolution, attention;
-    ``torch.utils.flop_counter``) and the dataset indices of samples whose loss was non-finite."""
-
-    loss: float
-    flops: int
-    non_finite: tuple[int, ...] = ()
-
-
-@torch.no_grad()
-def check_loss_fn(
-    model: nn.Module,
-    loss_fn: LossFn,
-    source: SampleSource,
-    config: SGLDConfig,
-    forward_context: ForwardContext | None = None,
-    count_flops: bool = False,
-) -> LossCheck:
-    """Run ``loss_fn`` on one minibatch at the checkpoint (eval mode, no grad) and check its output:
-    shape ``[batch_size]``, floating point, finite. Returns the mean of its finite losses, with
-    ``count_flops`` the forward's FLOPs (else 0), and the indices of samples with a non-finite loss (the
-    chains that draw them will be dropped).
-
-    Raises:
-        NonFiniteCheckpointError: the weights are non-finite, or every loss of the minibatch is (a
-            ``ValueError`` that says which).
-    """
-    batch_size = min(config.batch_size, source.size)
-    stream = ChainBatches(source, batch_size, [0], config.seed, -1)
-    device = next(model.parameters()).device
-    batch = batch_to(chain_slice(stream.next_stacked(), 0), device)
-    center = {PREFIX + name: p.detach() for name, p in model.named_parameters()}
-    counter = FlopCounterMode(display=False) if count_flops else None
-    with evaluation_mode(model), (forward_context or nullcontext)(), counter or nullcontext():
-        losses = functional_call(LossModule(model, loss_fn), center, (batch,))
-    losses = check_per_sample_losses(losses, batch_size).float()
-    assert stream.last_indices is not None
-    bad = check_finite_at_checkpoint(
-        model, losses, stream.last_indices[0], "the SGLD data", tolerate_data=True
-    )
-    mean = float(losses[~non_finite_rows(losses)].mean())
-    return LossCheck(mean, counter.get_total_flops() if counter is not None else 0, tuple(bad))
 
 
 class ChainRunner:
@@ -313,8 +273,8 @@ class ChainRunner:
         """vmap mode: hand each chain's row of the stacked gradient to its vectors (views, no copy)."""
         for g, stacked in enumerate(self._stack):
             if stacked.grad is not None:
-                for c, vectors in enumerate(self._vectors):
-                    vectors[g].grad = stacked.grad[c]
+                for vectors, row in zip(self._vectors, stacked.grad.unbind(0), strict=True):
+                    vectors[g].grad = row
 
     def _step_losses(self, stacked_batch: Batch) -> torch.Tensor:
         """``[chains, B]`` per-sample losses of each chain on its own minibatch, with autograd."""
@@ -533,35 +493,21 @@ class ChainRunner:
         center_samples: torch.Tensor | None,
         chains: torch.Tensor,
     ) -> list[NonFiniteEvent]:
-        """What was non-finite for each of the ``chains`` (if anything): the loss (with the samples whose
-        own loss is non-finite), the gradient, or the paired loss at ``w*``."""
-        finite_loss = torch.isfinite(loss).cpu()
-        finite_grad = self._finite_gradients()
+        """What was non-finite for each of the flagged ``chains`` (see ``non_finite_events``)."""
         indices = self._batches.last_indices
         assert indices is not None
-        events = []
-        for c in torch.nonzero(chains).flatten().tolist():
-            row = indices[0 if self.config.shared_batches else c]
-            if not finite_loss[c]:
-                what, samples = "loss", non_finite_rows(per_sample[c])
-            elif not finite_grad[c]:
-                what, samples = "gradient", torch.zeros(len(row), dtype=torch.bool)
-            elif center_samples is not None and bool(non_finite_rows(center_samples[c]).any()):
-                what, samples = "loss at w* (paired estimator)", non_finite_rows(center_samples[c])
-            else:  # over the divergence threshold: counted, not a non-finite value
-                continue
-            events.append(
-                NonFiniteEvent(
-                    chain=self.chain_ids[c],
-                    step=step,
-                    draw=draw,
-                    what=what,
-                    value=float(loss[c]),
-                    sample_ids=tuple(row[samples].tolist()),
-                    batch_ids=tuple(row.tolist()),
-                )
-            )
-        return events
+        rows = indices.expand(self.num_chains, -1) if self.config.shared_batches else indices
+        return non_finite_events(
+            self.chain_ids,
+            rows,
+            step,
+            draw,
+            loss,
+            per_sample,
+            self._finite_gradients(),
+            center_samples,
+            chains,
+        )
 
     def _progress(self, steps: range) -> Iterable[int]:
         details = f"({self.num_chains} chains, {self.mode})"
@@ -580,8 +526,9 @@ class ChainRunner:
         self._collect_gradients()
         squares = dict.fromkeys(_METRIC_FIELDS, 0.0)
         stepped = 0
-        for c, (optimizer, generator) in enumerate(zip(self._optimizers, self._generators, strict=True)):
-            if active is None or bool(active[c]):
+        steps = [True] * self.num_chains if active is None else active.tolist()
+        for step, optimizer, generator in zip(steps, self._optimizers, self._generators, strict=True):
+            if step:
                 optimizer.save_metrics = sample_metrics
                 optimizer.step(noise_generator=generator)
                 if sample_metrics:

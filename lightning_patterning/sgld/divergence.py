@@ -76,6 +76,55 @@ class NonFiniteEvent:
         return text
 
 
+def non_finite_events(
+    chain_ids: Sequence[int],
+    batch_ids: torch.Tensor,
+    step: int,
+    draw: int | None,
+    loss: torch.Tensor,
+    per_sample: torch.Tensor,
+    finite_gradients: torch.Tensor,
+    center_samples: torch.Tensor | None,
+    flagged: torch.Tensor,
+) -> list[NonFiniteEvent]:
+    """One ``NonFiniteEvent`` per ``flagged`` chain whose loss, gradient or paired loss at ``w*`` is
+    non-finite (a chain flagged only for exceeding the divergence threshold gets none).
+
+    Args:
+        chain_ids: global chain index of each local chain.
+        batch_ids: ``[chains, B]`` dataset indices of each chain's minibatch at this step.
+        step, draw: the SGLD step and the draw taken at it (``None``: not a draw step).
+        loss: ``[chains]`` minibatch mean losses. per_sample: ``[chains, B, ...]`` per-sample losses.
+        finite_gradients: ``[chains]`` whether each chain's gradient is finite.
+        center_samples: ``[chains, B, ...]`` per-sample losses at ``w*`` (paired draws) or ``None``.
+        flagged: ``[chains]`` the chains to describe.
+    """
+    finite_loss = torch.isfinite(loss).cpu()
+    events = []
+    for c in torch.nonzero(flagged).flatten().tolist():
+        row = batch_ids[c]
+        if not finite_loss[c]:
+            what, samples = "loss", non_finite_rows(per_sample[c])
+        elif not finite_gradients[c]:
+            what, samples = "gradient", torch.zeros(len(row), dtype=torch.bool)
+        elif center_samples is not None and bool(non_finite_rows(center_samples[c]).any()):
+            what, samples = "loss at w* (paired estimator)", non_finite_rows(center_samples[c])
+        else:  # over the divergence threshold: counted, not a non-finite value
+            continue
+        events.append(
+            NonFiniteEvent(
+                chain=chain_ids[c],
+                step=step,
+                draw=draw,
+                what=what,
+                value=float(loss[c]),
+                sample_ids=tuple(row[samples].tolist()),
+                batch_ids=tuple(row.tolist()),
+            )
+        )
+    return events
+
+
 def warn_non_finite(events: Sequence[NonFiniteEvent], owner: str, chains: int) -> None:
     """One ``NonFiniteLossWarning`` describing every event of an estimate (nothing if there is none)."""
     if not events:

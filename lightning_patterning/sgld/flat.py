@@ -49,6 +49,9 @@ class FlatLayout:
             self._slots[name] = _Slot(group, start, sizes[group], tensor.shape)
         self.keys = keys
         self.sizes = sizes
+        self._splits = [
+            [s.stop - s.start for s in self._slots.values() if s.group == g] for g in range(len(keys))
+        ]
 
     @property
     def names(self) -> list[str]:
@@ -70,9 +73,17 @@ class FlatLayout:
         return [torch.cat(group, dim=-1) for group in pieces]
 
     def unflatten(self, vectors: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Views ``name → [..., *shape]`` into the vectors ``[..., D_g]`` (differentiable)."""
+        """Views ``name → [..., *shape]`` into the vectors ``[..., D_g]`` (differentiable).
+
+        One ``split`` per vector, not one slice per parameter: the backward of ``split`` concatenates the
+        parameters' gradients into one ``[..., D_g]`` tensor, where per-parameter slices would each
+        materialize a zero-filled ``[..., D_g]`` gradient (measured: +140 ms per step of 4 chains of a
+        1M-parameter LM with 54 parameter tensors)."""
+        pieces = [
+            iter(vector.split(sizes, dim=-1)) for vector, sizes in zip(vectors, self._splits, strict=True)
+        ]
         views = {}
         for name, slot in self._slots.items():
             vector = vectors[slot.group]
-            views[name] = vector[..., slot.start : slot.stop].view(*vector.shape[:-1], *slot.shape)
+            views[name] = next(pieces[slot.group]).view(*vector.shape[:-1], *slot.shape)
         return views
