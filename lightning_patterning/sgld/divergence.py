@@ -93,8 +93,10 @@ def non_finite_events(
     Args:
         chain_ids: global chain index of each local chain.
         batch_ids: ``[chains, B]`` dataset indices of each chain's minibatch at this step.
-        step, draw: the SGLD step and the draw taken at it (``None``: not a draw step).
-        loss: ``[chains]`` minibatch mean losses. per_sample: ``[chains, B, ...]`` per-sample losses.
+        step: the SGLD step.
+        draw: the draw taken at that step (``None``: not a draw step).
+        loss: ``[chains]`` minibatch mean losses.
+        per_sample: ``[chains, B, ...]`` per-sample losses.
         finite_gradients: ``[chains]`` whether each chain's gradient is finite.
         center_samples: ``[chains, B, ...]`` per-sample losses at ``w*`` (paired draws) or ``None``.
         flagged: ``[chains]`` the chains to describe.
