@@ -72,7 +72,7 @@ from torch.utils.data import TensorDataset
 
 import lightning_patterning as lp
 from lightning_patterning.sgld.batches import SampleSource, batch_to
-from lightning_patterning.sgld.chains import ChainRunner
+from lightning_patterning.sgld.chains import ChainRunner, _chain_means
 from lightning_patterning.sgld.config import default_nbeta
 from lightning_patterning.sgld.functional import evaluation_mode
 from lightning_patterning.sgld.restrict import resolve_param_masks
@@ -537,13 +537,13 @@ class EngineStepper:
                 t0 = stamp()
                 batch = batch_to(runner._batches.next_stacked(), runner.device)
                 t1 = stamp()
-                loss = runner._step_losses(batch).float().mean(dim=1)
+                loss = _chain_means(runner._step_outputs(batch))
                 t2 = stamp()
                 loss.sum().backward()
                 loss = loss.detach()
                 bad = bool((~torch.isfinite(loss)).cpu().any())
                 t3 = stamp()
-                center = runner._center_losses(batch).float().mean(dim=1)
+                center = _chain_means(runner._center_outputs(batch))
                 t4 = stamp()
                 distance = runner._distance()
                 record = (loss.cpu().double(), center.cpu().double(), distance.cpu().double(), bad)

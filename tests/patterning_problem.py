@@ -73,6 +73,7 @@ def patterning_callback(held_out_b: TensorDataset, sign: float, every: int = 10)
         observables=[ProbeLoss("probe_B", held_out_b)],
         target=lp.targets.Shift({"probe_B": sign}),
         strength=0.5,
+        noise_gate=None,  # full-strength updates: 2 chains give 1-dof errors, which the gate would not trust
         every_n_train_steps=every,
         probe_size=200,
         progress=False,

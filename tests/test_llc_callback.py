@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_patterning as lp
+from lightning_patterning.observables import LLC
 from tests.lightning_models import RegressionModule
 
 CONFIG = lp.SGLDConfig(lr=1e-3, nbeta=30.0, localization=100.0, num_chains=3, num_draws=15, batch_size=16)
@@ -85,7 +86,7 @@ def test_logs_scalars_and_trace_figure_to_tensorboard(tmp_path):
     events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    assert {"llc/mean", "llc/std", "llc/stderr", "sgld/llc/diverged_chains", "sgld/llc/noise_norm"} <= set(
+    assert {"llc/mean", "llc/std", "llc/stderr", "llc/sgld/diverged_chains", "llc/sgld/noise_norm"} <= set(
         tags["scalars"]
     )
     logged = [(e.step, e.value) for e in events.Scalars("llc/mean")]
@@ -198,3 +199,54 @@ def test_sharded_strategies_are_refused(strategy, owner):
     trainer = SimpleNamespace(strategy=cls.__new__(cls))
     with pytest.raises(MisconfigurationException, match=f"{owner} does not support the {strategy}"):
         lp.callbacks.trainer_adapters.check_strategy(trainer, owner)
+
+
+class _RecordRichTasks(L.Callback):
+    """Records the descriptions of the tasks added to ``RichProgressBar``'s live display."""
+
+    def __init__(self) -> None:
+        self.tasks: list[str] = []
+
+    def on_train_start(self, trainer, pl_module):
+        progress = trainer.progress_bar_callback.progress
+        add_task = progress.add_task
+
+        def record(description, *args, **kwargs):
+            self.tasks.append(description)
+            return add_task(description, *args, **kwargs)
+
+        progress.add_task = record
+
+
+@pytest.mark.parametrize("bar", ["tqdm", "rich", "none"])
+def test_progress_bar_is_labelled_and_follows_the_trainers_bar(tmp_path, capfd, bar):
+    """Next to Lightning's tqdm bar ours is a tqdm bar that says which callback and step it belongs to;
+    next to ``RichProgressBar`` it is a task of Rich's live display (a tqdm bar would garble it); with
+    ``enable_progress_bar=False`` there is none."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+    callback = lp.LLCCallback(CONFIG, every_n_train_steps=5, name="llc_bar", progress=True)
+    recorder = _RecordRichTasks()
+    extra = {"tqdm": [TQDMProgressBar()], "rich": [RichProgressBar(), recorder], "none": []}[bar]
+    _train(tmp_path, [*extra, callback], max_steps=5, enable_progress_bar=bar != "none")
+    err = capfd.readouterr().err
+    label = "llc_bar @ step 5 (3 chains, vmap)"
+    assert (label in err) == (bar == "tqdm"), err[-2000:]
+    assert recorder.tasks.count(label) == (bar == "rich")
+
+
+class _FrozenModule(RegressionModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requires_grad_(False)
+
+
+@pytest.mark.parametrize("owner", ["LLCCallback", "SusceptibilityCallback"])
+def test_a_model_without_trainable_parameters_fails_at_setup_saying_so(tmp_path, owner):
+    observables = {"observables": [LLC()]} if owner == "SusceptibilityCallback" else {}
+    callback = getattr(lp, owner)(CONFIG, every_n_train_steps=5, **observables)
+    with pytest.raises(
+        MisconfigurationException, match=r"_FrozenModule has no trainable parameters"
+    ) as caught:
+        _trainer(tmp_path, [callback]).fit(_FrozenModule())
+    assert "restrict" not in str(caught.value)

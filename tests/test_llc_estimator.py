@@ -466,3 +466,22 @@ def test_paired_estimator_has_lower_variance_than_unpaired(regression_factory, l
     # without replacement from the 2000 samples.
     for paired in (True, False):
         assert 0.2 < spread[paired] / mean_stderr[paired] < 3, paired
+
+
+def test_batch_size_larger_than_the_data_warns_and_takes_the_whole_set(
+    regression: Regression, loss_fn
+) -> None:
+    """A minibatch larger than the dataset would repeat samples within one step: every minibatch is the
+    whole set instead (20 samples here), with a warning that says so."""
+    small = torch.utils.data.TensorDataset(*(t[:20] for t in regression.dataset.tensors))
+    sizes: set[int] = set()
+
+    def recording_loss(module: nn.Module, batch):
+        sizes.add(int(batch[0].shape[-2]))
+        return loss_fn(module, batch)
+
+    config = llc_config(batch_size=64, num_draws=5, num_chains=2, chain_mode="sequential", paired=False)
+    with pytest.warns(UserWarning, match=r"batch_size = 64 exceeds the 20 samples .* the whole set"):
+        result = lp.estimate_llc(regression.model(), recording_loss, small, config)
+    assert sizes == {20}
+    assert math.isfinite(result.mean) and result.diverged_chains == 0

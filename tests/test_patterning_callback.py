@@ -216,3 +216,38 @@ def test_an_estimate_whose_chains_all_diverged_leaves_the_weights_alone(tmp_path
     assert all(h["diverged_chains"] == 2.0 for h in callback.history)
     weights = data.weights.double()
     assert torch.allclose(weights / weights.sum(), torch.tensor(SIZES).double() / sum(SIZES), atol=1e-6)
+
+
+def test_goal_initial_sign_is_saved_in_the_checkpoint_and_restored_on_resume(tmp_path):
+    """The goal is reached once μ crosses it; which side μ started on must survive a resume, or a resumed
+    run that has crossed would take the crossing for a new gap and push μ back."""
+    model, data, held = _setup()
+    config = lp.SGLDConfig(lr=1e-3, nbeta=50.0, localization=100.0, num_chains=2, num_draws=10, batch_size=32)
+
+    def callback() -> lp.PatterningCallback:
+        goal = lp.targets.Goal({"probe_B": -5.0})  # far below μ: the first gap is negative
+        return lp.PatterningCallback(
+            config, [ProbeLoss("probe_B", held)], goal, every_n_train_steps=5, probe_size=200, progress=False
+        )
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    first = callback()
+    _trainer(tmp_path / "run", [first, checkpoint], 5, enable_checkpointing=True).fit(model, datamodule=data)
+    assert first.target.state_dict() == {"initial_sign": {"probe_B": -1.0}}
+    saved = torch.load(next((tmp_path / "ckpt").glob("*step=5.ckpt")), weights_only=False)["callbacks"]
+    assert [s["target"] for s in saved.values() if "target" in s] == [{"initial_sign": {"probe_B": -1.0}}]
+
+    model, data, held = _setup()
+    resumed = callback()
+    ckpt = next((tmp_path / "ckpt").glob("*step=5.ckpt"))
+    _trainer(tmp_path / "resume", [resumed], 5).fit(model, datamodule=data, ckpt_path=ckpt)
+    assert resumed.target.state_dict() == {"initial_sign": {"probe_B": -1.0}}
+
+    def chi(mu: float) -> lp.Susceptibilities:
+        return lp.Susceptibilities(
+            torch.ones(1, 2), torch.zeros(1, 2), torch.tensor([mu]), ["probe_B"], ["ProbeLoss"],
+            torch.arange(2), None, None, 1.0, 0.0, {}, {},
+        )  # fmt: skip
+
+    assert resumed.target.reached(chi(-6.0))  # crossed from above: reached
+    assert not callback().target.reached(chi(-6.0))  # without the saved sign it would not be

@@ -25,6 +25,11 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def mean_one(weights: torch.Tensor) -> torch.Tensor:
+    """Weights in the unit ``PatterningDataModule.weights`` reports: mean 1 over the entries."""
+    return weights.double() / weights.double().mean()
+
+
 class IndexDataset(Dataset):
     """Sample ``i`` is ``i``; ``source`` is a per-sample group id (``i % 3``)."""
 
@@ -187,12 +192,12 @@ def test_set_weights_before_the_sampler_exists_is_applied_when_built():
     dm = PatterningDataModule(IndexData(n=6))
     dm.setup("fit")
     dm.set_weights([0, 0, 1, 0, 0, 0])
-    assert dm.sampler is None and dm.weights.tolist() == [0, 0, 1, 0, 0, 0]
+    assert dm.sampler is None and dm.weights.tolist() == [0, 0, 6, 0, 0, 0]  # reported with mean 1
     loader = dm.train_dataloader()
     assert {i for batch in loader for i in batch.tolist()} == {2}
     with pytest.raises(ValueError, match="weights"):
         dm.set_weights([1.0, float("nan"), 1, 1, 1, 1])
-    assert dm.weights.tolist() == [0, 0, 1, 0, 0, 0]
+    assert dm.weights.tolist() == [0, 0, 6, 0, 0, 0]
     wrong = PatterningDataModule(IndexData(n=6))
     wrong.setup("fit")
     wrong.set_weights([1.0, 2.0])
@@ -214,7 +219,7 @@ def test_state_is_stashed_until_the_sampler_exists():
     assert target.state_dict()["sampler"] is state["sampler"]
     target.setup("fit")
     assert [i for batch in target.train_dataloader() for i in batch.tolist()] == expected
-    assert target.weights.tolist() == (torch.arange(12.0) + 1).tolist()
+    assert torch.equal(target.weights, mean_one(torch.arange(12.0) + 1))
 
 
 
@@ -260,7 +265,7 @@ def test_lightning_keeps_our_sampler_and_applies_weight_changes_within_the_lag(t
     lag = math.ceil((8 - 1) / 4)
     allowed = set(torch.nonzero(weights_for(5, 64)).flatten().tolist())
     assert all(set(batch) <= allowed for _, batch in model.seen[5 + lag :])
-    assert dm.weights.tolist() == weights_for(5, 64).tolist()
+    assert torch.equal(dm.weights, mean_one(weights_for(5, 64)))
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
@@ -269,7 +274,7 @@ def test_reloaded_dataloaders_keep_the_sampler_and_plain_loaders_work_with_fit(t
     run = trainer(tmp_path, max_epochs=3, reload_dataloaders_every_n_epochs=1, callbacks=[SetWeights((2,))])
     run.fit(Recorder(), datamodule=dm)
     assert run.train_dataloader.sampler is dm.sampler and dm.sampler.epoch == 2
-    assert dm.weights.tolist() == weights_for(2, 16).tolist()
+    assert torch.equal(dm.weights, mean_one(weights_for(2, 16)))
 
     loader = weighted_dataloader(DataLoader(IndexDataset(16), batch_size=4), weights=[0.0] * 15 + [1.0])
     model = Recorder()
@@ -330,7 +335,7 @@ def test_two_rank_ddp_same_weights_and_disjoint_shards(tmp_path):
     run.fit(Recorder(), datamodule=dm)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world"] == 2 for r in ranks)
-    assert ranks[0]["held"] == ranks[1]["held"] == [weights_for(s, 32).tolist() for s in (2, 5)]
+    assert ranks[0]["held"] == ranks[1]["held"] == [mean_one(weights_for(s, 32)).tolist() for s in (2, 5)]
     assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 8
     for (epoch0, batch0), (epoch1, batch1) in zip(ranks[0]["seen"], ranks[1]["seen"], strict=True):
         assert epoch0 == epoch1 and not set(batch0) & set(batch1)
@@ -351,3 +356,52 @@ def test_two_rank_ddp_same_weights_and_disjoint_shards(tmp_path):
                 if step in (2, 5):
                     sampler.set_weights(weights_for(step, 32))
         assert ranks[rank]["seen"] == expected
+
+
+def _source_counts(dm: PatterningDataModule, labels: torch.Tensor, epochs: int) -> torch.Tensor:
+    """How often each source was drawn by the wrapped training loader over ``epochs`` epochs."""
+    loader = dm.train_dataloader()
+    drawn = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        drawn += [labels[batch[2]] for batch in loader]
+    return torch.bincount(torch.cat(drawn), minlength=2).double()
+
+
+def _chi_square(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * counts.sum()
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+CHI2_1DOF_1E4 = 15.14  # chi-square quantile, 1 degree of freedom, 1 − 1e-4
+
+
+@pytest.mark.parametrize("initial_mass", ["natural", "equal"])
+def test_wrapped_two_source_data_is_drawn_in_its_natural_proportions_before_any_update(initial_mass):
+    """A 600/200 two-source set wrapped with ``groups=`` is drawn 75/25 (chi-square) before any weight is
+    set, unless equal mass is asked for explicitly; ``weights`` reports mean-1 group weights."""
+    sizes = (600, 200)
+    labels = torch.tensor([0] * sizes[0] + [1] * sizes[1])
+    data = torch.utils.data.TensorDataset(torch.randn(800, 2), torch.zeros(800), torch.arange(800))
+
+    class TwoSources(L.LightningDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(data, batch_size=50, shuffle=True)
+
+    dm = PatterningDataModule(TwoSources(), groups=labels.tolist(), seed=3, initial_mass=initial_mass)
+    counts = _source_counts(dm, labels, epochs=10)
+    natural = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    equal = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    chosen, other = (natural, equal) if initial_mass == "natural" else (equal, natural)
+    assert _chi_square(counts, chosen) < CHI2_1DOF_1E4, counts.tolist()
+    assert _chi_square(counts, other) > 10 * CHI2_1DOF_1E4, counts.tolist()
+    assert torch.allclose(dm.weights, 2 * chosen)
+    dm.set_weights([600.0, 200.0])  # any positive scale; reported in the same unit
+    assert torch.allclose(dm.weights, torch.tensor([1.5, 0.5], dtype=torch.float64))
+
+
+def test_groups_of_the_wrong_length_fail_when_the_training_loader_is_built():
+    dm = PatterningDataModule(IndexData(n=12), groups=[0, 1, 0])
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"PatterningDataModule\(groups=...\).*12 integer group ids"):
+        dm.train_dataloader()

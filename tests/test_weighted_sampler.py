@@ -41,6 +41,11 @@ def drain(sampler: WeightedDistributedSampler) -> list[int]:
     return list(sampler)
 
 
+def mean_one(weights: torch.Tensor) -> torch.Tensor:
+    """Weights in the unit ``WeightedDistributedSampler.weights`` reports: mean 1 over the entries."""
+    return weights.double() / weights.double().mean()
+
+
 def test_with_replacement_frequencies_follow_per_sample_weights():
     weights = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0.5, 20])
     sampler = WeightedDistributedSampler(list(range(12)), weights, num_replicas=1, rank=0, num_samples=30_000)
@@ -68,6 +73,23 @@ def test_group_weight_is_the_group_mass():
     group_share = torch.bincount(torch.tensor(groups)[drawn], minlength=3).double() / len(drawn)
     assert torch.allclose(group_share, group_weights.double(), atol=0.02)
     assert sampler.groups is not None and sampler.groups.tolist() == groups
+
+
+@pytest.mark.parametrize("initial_mass", ["natural", "equal"])
+def test_groups_start_at_their_natural_mass_unless_equal_mass_is_asked_for(initial_mass):
+    """Without weights, ``"natural"`` draws every sample equally often (group mass ∝ group size) and
+    ``"equal"`` gives every group the same mass; ``weights`` reports them with mean 1 over the groups."""
+    groups = [0] * 2 + [1] * 5 + [2] * 13
+    sampler = WeightedDistributedSampler(
+        list(range(20)), groups=groups, num_replicas=1, rank=0, num_samples=20000, initial_mass=initial_mass
+    )
+    sizes = torch.tensor([2.0, 5.0, 13.0])
+    group_mass = sizes / sizes.sum() if initial_mass == "natural" else torch.full((3,), 1 / 3)
+    assert torch.allclose(sampler.weights, 3 * group_mass.double())
+    per_sample = (group_mass / sizes)[torch.tensor(groups)]
+    assert_follows(torch.tensor(drain(sampler)), per_sample)
+    with pytest.raises(ValueError, match="initial_mass"):
+        WeightedDistributedSampler(list(range(4)), num_replicas=1, rank=0, initial_mass="uniform")
 
 
 def test_epochs_differ_repeat_for_the_same_epoch_and_follow_weights_over_many_epochs():
@@ -215,7 +237,7 @@ def test_resume_mid_epoch_reproduces_the_remaining_sequence(replacement, replica
 
         resumed = make()
         resumed.load_state_dict(torch.load(buffer, weights_only=True))
-        assert resumed.epoch == 2 and torch.equal(resumed.weights, switches[10].double())
+        assert resumed.epoch == 2 and torch.equal(resumed.weights, mean_one(switches[10]))
         rest = run_with_switches(resumed, {k: v for k, v in switches.items() if k > cut}, start=cut)
         assert seen[:cut] + rest == full
         resumed.set_epoch(3)
@@ -292,7 +314,7 @@ def test_bad_weights_raise_and_leave_the_weights_unchanged(bad):
     sampler = WeightedDistributedSampler(list(range(4)), [1.0, 2.0, 3.0, 4.0], num_replicas=1, rank=0)
     with pytest.raises(ValueError, match="weights"):
         sampler.set_weights(bad)
-    assert sampler.weights.tolist() == [1.0, 2.0, 3.0, 4.0] and sampler.version == 0
+    assert sampler.weights.tolist() == [0.4, 0.8, 1.2, 1.6] and sampler.version == 0  # mean 1
     with pytest.raises(ValueError, match="weights"):
         WeightedDistributedSampler(list(range(4)), bad, num_replicas=1, rank=0)
 

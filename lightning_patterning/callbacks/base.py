@@ -3,15 +3,19 @@ that run SGLD at the current checkpoint."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_patterning.callbacks import tensorboard
+from lightning_patterning.callbacks.progress import sgld_progress
 from lightning_patterning.callbacks.schedule import Schedule
 from lightning_patterning.callbacks.trainer_adapters import (
     StrategySum,
@@ -23,8 +27,9 @@ from lightning_patterning.callbacks.trainer_adapters import (
     sgld_dataloader,
 )
 from lightning_patterning.sgld.batches import SampleSource
-from lightning_patterning.sgld.chains import check_loss_fn
+from lightning_patterning.sgld.check import check_loss_fn
 from lightning_patterning.sgld.config import SGLDConfig
+from lightning_patterning.sgld.divergence import NonFiniteCheckpointError, NonFiniteLossWarning
 from lightning_patterning.sgld.functional import LossFn
 
 
@@ -34,6 +39,12 @@ class EstimationCallback(Callback):
     Subclasses implement ``estimate(trainer, module, common) -> (result, row)`` and
     ``log_result(trainer, pl_module, result, on_step)``. ``common`` holds the keyword arguments every
     estimator takes (``chain_ids``, ``run``, ``all_reduce``, ``forward_context``, ``progress``).
+
+    An estimate never stops training: when the loss at the checkpoint is non-finite the estimator raises
+    ``NonFiniteCheckpointError``, and the callback warns (saying whether the weights or the data are
+    non-finite), records ``{"skipped": 1.0}`` in ``history``, logs nothing for that step and lets training
+    go on (``on_skip`` is the hook for subclasses). Non-finite chains inside an estimate are dropped by the
+    estimator itself.
 
     Args: see ``LLCCallback``.
     """
@@ -119,13 +130,28 @@ class EstimationCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.schedule.log_spaced_steps is not None:
             self.schedule.resolve(trainer.max_steps if trainer.max_steps > 0 else _estimated_steps(trainer))
-        check_loss_fn(
-            estimation_module(trainer),
-            self._require_loss_fn(),
-            SampleSource(self.sgld_data(trainer)),
-            self.config,
-            forward_context(trainer),
-        )
+        try:
+            check = check_loss_fn(
+                estimation_module(trainer),
+                self._require_loss_fn(),
+                SampleSource(self.sgld_data(trainer)),
+                self.config,
+                forward_context(trainer),
+            )
+        except NonFiniteCheckpointError as error:
+            rank_zero_warn(
+                f"{type(self).__name__} ({self.name}) at the start of training: {error}. Estimates are "
+                "skipped whenever the loss at the checkpoint is non-finite; training continues.",
+                category=NonFiniteLossWarning,
+            )
+            return
+        if check.non_finite:
+            rank_zero_warn(
+                f"{type(self).__name__} ({self.name}) at the start of training: samples "
+                f"{list(check.non_finite)} of the SGLD data have a non-finite loss at finite weights (check "
+                "them for NaN/inf); SGLD chains that draw them will be dropped.",
+                category=NonFiniteLossWarning,
+            )
 
     @override
     def on_train_batch_end(
@@ -159,6 +185,17 @@ class EstimationCallback(Callback):
         """The DataLoader SGLD draws minibatches from."""
         return sgld_dataloader(trainer, self.dataloader, type(self).__name__)
 
+    def log_scalars(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, scalars: dict[str, float], on_step: bool
+    ) -> None:
+        """Send the finite ``scalars`` to every logger at ``trainer.global_step`` and to
+        ``trainer.callback_metrics`` (for checkpoint monitors); non-finite values (e.g. an estimate whose
+        chains all diverged) are left out rather than logged as NaN."""
+        finite = {k: float(v) for k, v in scalars.items() if math.isfinite(v)}
+        tensorboard.log_scalars(trainer, finite, trainer.global_step)
+        for key, value in finite.items():
+            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=False)
+
     def _require_loss_fn(self) -> LossFn:
         if self._loss_fn is None:
             raise RuntimeError(f"{type(self).__name__}.setup() was not called by the Trainer")
@@ -167,16 +204,44 @@ class EstimationCallback(Callback):
     def _skip(self, trainer: pl.Trainer) -> bool:
         return bool(trainer.sanity_checking or trainer.fast_dev_run or not trainer.training)
 
+    def progress_label(self, trainer: pl.Trainer) -> str:
+        """The label of the SGLD progress bar: the callback's name and the step."""
+        return f"{self.name} @ step {trainer.global_step}"
+
+    def on_skip(self, trainer: pl.Trainer, error: NonFiniteCheckpointError) -> dict[str, float]:
+        """Called when an estimate is skipped; returns extra history fields (override to add some)."""
+        return {}
+
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, on_step: bool) -> None:
         common = {
             "chain_ids": local_chain_ids(self.config.num_chains, trainer),
             "run": self._runs,
             "all_reduce": StrategySum(trainer),
             "forward_context": forward_context(trainer),
-            "progress": self.progress and trainer.is_global_zero,
+            "progress": sgld_progress(trainer, self.progress, self.progress_label(trainer)),
         }
         start = time.perf_counter()
-        result, row = self.estimate(trainer, estimation_module(trainer), common)
+        try:
+            result, row = self.estimate(trainer, estimation_module(trainer), common)
+        except NonFiniteCheckpointError as error:  # same on every rank: the checks precede any collective
+            self._runs += 1
+            self._last_step = trainer.global_step
+            seconds = time.perf_counter() - start
+            self.history.append(
+                {
+                    "step": trainer.global_step,
+                    "epoch": trainer.current_epoch,
+                    "seconds": seconds,
+                    "skipped": 1.0,
+                    **self.on_skip(trainer, error),
+                }
+            )
+            rank_zero_warn(
+                f"{type(self).__name__} ({self.name}) skipped its estimate at step {trainer.global_step}: "
+                f"{error}. Nothing is logged for this step; training continues.",
+                category=NonFiniteLossWarning,
+            )
+            return
         seconds = time.perf_counter() - start
         self._runs += 1
         self._last_step = trainer.global_step

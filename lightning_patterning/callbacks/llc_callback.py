@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader
+from typing_extensions import override
 
 from lightning_patterning.callbacks import tensorboard
 from lightning_patterning.callbacks.base import EstimationCallback
@@ -22,11 +23,14 @@ from lightning_patterning.sgld.restrict import resolve_param_masks
 class LLCCallback(EstimationCallback):
     """Runs localized SGLD at the current weights on a schedule and logs the LLC estimate.
 
-    Logged (to every logger, at ``trainer.global_step``): ``{name}/mean``, ``{name}/std``,
-    ``{name}/stderr``, ``{name}/init_loss`` and the diagnostics ``sgld/{name}/diverged_chains``,
-    ``sgld/{name}/distance``, ``sgld/{name}/grad_norm``, ``sgld/{name}/noise_norm``,
-    ``sgld/{name}/localization_norm``, ``sgld/{name}/seconds``; the chain traces as a TensorBoard figure
-    ``{name}/traces``. The same scalars go to ``trainer.callback_metrics`` (for checkpoint monitors).
+    Logged (to every logger, at ``trainer.global_step``; every tag starts with ``name``): the estimate
+    ``{name}/mean``, ``{name}/std``, ``{name}/stderr``, ``{name}/init_loss`` and the diagnostics
+    ``{name}/sgld/diverged_chains``, ``{name}/sgld/distance``, ``{name}/sgld/grad_norm``,
+    ``{name}/sgld/noise_norm``, ``{name}/sgld/localization_norm``, ``{name}/sgld/seconds``; the chain traces
+    as a TensorBoard figure ``{name}/traces``; a custom-scalars section ``{name}``. The same scalars go to
+    ``trainer.callback_metrics`` (for checkpoint monitors). Non-finite values are not logged (e.g. when
+    every chain diverged), and an estimate skipped because the loss at the checkpoint is non-finite logs
+    nothing (see ``EstimationCallback``).
 
     Estimation never changes training (docs/concepts/isolation.md): it works on a snapshot of the
     parameters, restores
@@ -48,7 +52,8 @@ class LLCCallback(EstimationCallback):
         name: prefix of the logged tags and key of the callback state (distinct names let several
             instances coexist, e.g. one per restricted component).
         log_traces: log the chain-trace figure to TensorBoard.
-        progress: show a progress bar during each SGLD run (rank 0).
+        progress: show a progress bar during each SGLD run, labelled ``{name} @ step {step}``: on rank 0,
+            in the Trainer's own progress display (tqdm or Rich), and only when the Trainer shows one.
     """
 
     def __init__(
@@ -104,24 +109,23 @@ class LLCCallback(EstimationCallback):
         values = result.scalars()
         headline = ("mean", "std", "stderr", "init_loss")
         scalars = {f"{n}/{k}": values[k] for k in headline}
-        scalars.update({f"sgld/{n}/{k}": v for k, v in values.items() if k not in headline})
-        scalars[f"sgld/{n}/seconds"] = self.history[-1]["seconds"]
-        tensorboard.log_scalars(trainer, scalars, step)
-        for key, value in scalars.items():
-            pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=False)
+        scalars.update({f"{n}/sgld/{k}": v for k, v in values.items() if k not in headline})
+        scalars[f"{n}/sgld/seconds"] = self.history[-1]["seconds"]
+        self.log_scalars(trainer, pl_module, scalars, on_step)
         if result.diverged_chains:
             rank_zero_warn(
                 f"LLCCallback ({n}) at step {step}: {result.diverged_chains} of {result.num_chains} "
                 "SGLD chains diverged and were dropped"
                 + (" — no estimate this time" if math.isnan(result.mean) else "")
-                + "; consider a smaller lr or a larger localization."
+                + "; consider a smaller lr or a larger localization (chains dropped for a non-finite loss "
+                "or gradient are described by a NonFiniteLossWarning: check the data first)."
             )
-        if self.log_traces:
+        if self.log_traces and math.isfinite(result.init_loss):
             tensorboard.log_trace_figure(trainer, f"{n}/traces", result.trace, result.init_loss, step)
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.name
         tensorboard.add_layout(
-            trainer,
-            "lightning_patterning",
-            {self.name: [f"^{self.name}/(mean|std|stderr)$"], f"sgld ({self.name})": [f"^sgld/{self.name}/"]},
+            trainer, n, {f"{n}: LLC": [f"^{n}/(mean|std|stderr)$"], f"{n}: SGLD": [f"^{n}/sgld/"]}
         )

@@ -1,10 +1,12 @@
 """``PatterningCallback``: re-weight the training data online by inverting the linear response.
 
 At each scheduled step: estimate ``χ`` at the current weights (the susceptibility machinery), turn the
-target into ``dμ``, solve ``dh = χ†·dμ`` (docs/concepts/patterning.md; for the multiplicative rule in
-log-weight coordinates, ``solve_log_weights``), update the sampler's weights, and log the
-prediction ``dμ_pred = nβ·χ·Δm`` (``Δm``: change of the probability mass of each column) next to the change
-of ``μ`` realized by the next estimate (the closed-loop check; it also contains ordinary training drift).
+target into ``dμ``, scale the step by the noise gate (``patterning.gate.noise_gate``: no step while ``χ̂``
+does not respond to the target beyond its standard errors), solve ``dh = χ†·dμ`` (docs/concepts/patterning.md;
+for the multiplicative rule in log-weight coordinates, ``solve_log_weights``), update the sampler's weights,
+and log the prediction ``dμ_pred = nβ·χ·Δm`` (``Δm``: change of the probability mass of each column) next to
+the change of ``μ`` realized by the next estimate (the closed-loop check; it also contains ordinary training
+drift). A skipped or non-finite estimate leaves the weights as they are.
 
 Tokens as samples: when the DataModule holds a token rule (``PatterningDataModule(token_classes=...)``),
 the columns are the probe tokens and each update changes the rule's class weights instead of the sampler's
@@ -14,6 +16,7 @@ the columns are the probe tokens and each update changes the rule's class weight
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -22,21 +25,27 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from lightning_patterning.callbacks import tensorboard
 from lightning_patterning.callbacks.susceptibility_callback import SusceptibilityCallback
 from lightning_patterning.data.sampler import WeightedDistributedSampler
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.observables import Observable
+from lightning_patterning.patterning.gate import noise_gate
 from lightning_patterning.patterning.solve import solve_intervention, solve_log_weights
 from lightning_patterning.patterning.targets import Target
 from lightning_patterning.patterning.tokens import TokenWeightRule, probe_token_classes, update_token_rule
-from lightning_patterning.patterning.weights import UpdateRule, WeightUpdate
+from lightning_patterning.patterning.weights import UpdateRule, WeightUpdate, sampling_summary
 from lightning_patterning.sgld.config import SGLDConfig
+from lightning_patterning.sgld.divergence import NonFiniteCheckpointError
 from lightning_patterning.sgld.functional import LossFn
 
 SolveCoordinates = Literal["auto", "log_weights", "mass"]
 _COORDINATES = ("auto", "log_weights", "mass")
+MASS_SCALARS = 32  # log one scalar per column mass up to this many columns
+ESS_WARNING = 0.5  # warn when the effective sample size falls below this fraction of N
+MASS_WARNING = 0.01  # warn when a group's probability mass falls below this
 
 
 class PatterningCallback(SusceptibilityCallback):
@@ -46,10 +55,15 @@ class PatterningCallback(SusceptibilityCallback):
     samples are probed, ``probe_size`` of them evenly spaced); with per-sample weights the columns are
     ``probe_size`` evenly spaced training samples and ``dh = 0`` for samples outside the probe.
 
-    Logged: everything ``SusceptibilityCallback`` logs, plus ``patterning/ess_fraction`` (effective sample
-    size / N), ``patterning/floor_fraction``, ``patterning/min_weight``, ``patterning/max_weight``,
-    ``patterning/predicted_dmu/{observable}``, ``patterning/realized_dmu/{observable}`` (at the next
-    estimate), ``patterning/active`` and the TensorBoard histogram ``patterning/weights``.
+    Logged (every tag starts with ``name``): everything ``SusceptibilityCallback`` logs, plus
+    ``{name}/gate`` (the noise gate's scale of the step, 0–1) and ``{name}/snr`` (its signal-to-noise
+    ratio), ``{name}/ess_fraction`` (effective sample size of the training draw / N, 1 at the natural mix),
+    ``{name}/floor_fraction``, ``{name}/min_weight``, ``{name}/max_weight``,
+    ``{name}/predicted_dmu/{observable}``, ``{name}/realized_dmu/{observable}`` (at the next estimate),
+    ``{name}/active`` (1 when the weights changed), ``{name}/mass/{column}`` (each column's probability
+    mass, when there are at most 32 columns; also at the start of training) and the TensorBoard histogram
+    ``{name}/weights``. It warns when the effective sample size falls below half of N or a group's mass
+    falls below 1 %.
 
     With a token rule in the DataModule (``PatterningDataModule(token_classes=...)``, tokens as samples) the
     columns are the probe samples' valid tokens, and each update fits the rule's class weights to the
@@ -61,10 +75,15 @@ class PatterningCallback(SusceptibilityCallback):
         config: SGLD settings.
         observables: the observables the target refers to.
         target: ``lp.targets.Shift``, ``Goal`` or ``PrincipalDirection``.
-        strength: α, the largest log-change (multiplicative) or change (additive) of a weight per update.
+        strength: α, the largest log-change (multiplicative) or change (additive) of a weight per update,
+            before the noise gate scales it.
         rule: ``"multiplicative"`` (exponentiated gradient) or ``"additive"`` (with a floor).
         floor: lowest weight of the additive rule, as a fraction of the mean weight.
-        max_change: bound on ``ρ'/ρ`` per update (``[1/(1+m), 1+m]``); ``None``: no bound.
+        max_change: bound on ``ρ'/ρ`` per update (``[1/(1+m), 1+m]``; default 1: at most halve or double a
+            weight); ``None``: no bound.
+        noise_gate: ``k`` of the noise gate (``patterning.gate.noise_gate``): no step while the
+            signal-to-noise ratio of ``χ̂`` along the target is below ``k``, full strength from ``2k`` on,
+            linear in between; ``None``: no gate (every update has full strength).
         smoothing: η, pull toward uniform weights at each update.
         rtol: relative rank cut-off of the pseudo-inverse. ridge: Tikhonov damping of the solve.
         coordinates: what ``dh`` changes. ``"log_weights"``: the columns' log-weights, solved with
@@ -73,7 +92,8 @@ class PatterningCallback(SusceptibilityCallback):
             ``dh = χ†·dμ`` read as given (exact for the additive rule). ``"auto"``: ``"log_weights"`` for
             the multiplicative rule, ``"mass"`` for the additive one. With the multiplicative rule,
             ``"mass"`` lets a held observable drift when the columns' masses differ.
-        one_off: compute the weights once (at the first scheduled step) and keep them.
+        one_off: compute the weights once (at the first scheduled step whose update is applied, i.e. not
+            skipped, non-finite or gated off) and keep them.
         susceptibilities: path of a saved ``Susceptibilities`` (e.g. measured at reference solutions):
             the weights are computed from it once at the start of training and kept (no SGLD during training).
 
@@ -89,7 +109,8 @@ class PatterningCallback(SusceptibilityCallback):
         strength: float = 0.5,
         rule: UpdateRule = "multiplicative",
         floor: float = 0.05,
-        max_change: float | None = None,
+        max_change: float | None = 1.0,
+        noise_gate: float | None = 2.0,
         smoothing: float = 0.0,
         rtol: float = 1e-3,
         ridge: float = 0.0,
@@ -141,8 +162,13 @@ class PatterningCallback(SusceptibilityCallback):
             isinstance(ridge, (int, float)) and ridge >= 0
         ):
             raise ValueError(f"rtol and ridge must be numbers >= 0, got rtol={rtol!r}, ridge={ridge!r}")
+        if noise_gate is not None and not (
+            isinstance(noise_gate, (int, float)) and math.isfinite(noise_gate) and noise_gate > 0
+        ):
+            raise ValueError(f"noise_gate must be a finite number > 0 or None, got {noise_gate!r}")
         self.target = target
         self.update = WeightUpdate(strength, rule, floor, max_change, smoothing)
+        self.noise_gate = None if noise_gate is None else float(noise_gate)
         self.rtol, self.ridge = float(rtol), float(ridge)
         if coordinates not in _COORDINATES:
             raise ValueError(f"coordinates must be one of {_COORDINATES}, got {coordinates!r}")
@@ -156,6 +182,7 @@ class PatterningCallback(SusceptibilityCallback):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         sampler = _weighted_sampler(trainer)
         if self.susceptibilities_path is not None:
@@ -164,19 +191,44 @@ class PatterningCallback(SusceptibilityCallback):
                 self.target.check_names(chi.names)
                 self._apply(trainer, sampler, chi)
                 self._frozen = True
-            return
-        super().on_train_start(trainer, pl_module)
+        else:
+            super().on_train_start(trainer, pl_module)
+        self._log_masses(trainer, sampler)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.name
+        charts = {
+            **self.layout(),
+            f"{n}: predicted and realized dμ": [f"^{n}/(predicted|realized)_dmu/"],
+            f"{n}: noise gate": [f"^{n}/(gate|snr)$"],
+            f"{n}: weights": [f"^{n}/(ess_fraction|floor_fraction|min_weight|max_weight|active)$"],
+            f"{n}: probability mass": [f"^{n}/mass/"],
+        }
+        tensorboard.add_layout(trainer, n, charts)
 
     def should_run(self, step: int, epoch: int) -> bool:
         return not self._frozen and super().should_run(step, epoch)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "frozen": self._frozen, "pending": self._pending}
+        return {
+            **super().state_dict(),
+            "frozen": self._frozen,
+            "pending": self._pending,
+            "target": self.target.state_dict(),
+        }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._frozen = bool(state_dict.get("frozen", False))
         self._pending = state_dict.get("pending")
+        self.target.load_state_dict(state_dict.get("target", {}))
+
+    def on_skip(self, trainer: pl.Trainer, error: NonFiniteCheckpointError) -> dict[str, float]:
+        self._pending = None  # the weights are unchanged
+        return {"active": 0.0}
 
     # ------------------------------------------------------------------ work
 
@@ -186,7 +238,7 @@ class PatterningCallback(SusceptibilityCallback):
         sampler = _weighted_sampler(trainer)
         if sampler.groups is None or _token_rule(trainer) is not None:
             return dataset, indices, None
-        return dataset, indices, [int(sampler.groups[i]) for i in indices]
+        return dataset, indices, sampler.groups.tolist()
 
     def estimate(
         self, trainer: pl.Trainer, module: nn.Module, common: dict[str, Any]
@@ -195,29 +247,37 @@ class PatterningCallback(SusceptibilityCallback):
         if self._pending is not None:
             for name, before in self._pending["mu"].items():
                 row[f"realized_dmu/{name}"] = float(chi.mu[chi.names.index(name)]) - before
+        self._pending = None
         if self.target.reached(chi):
             row["active"] = 0.0
-            self._pending = None
             return chi, row
         if not bool(torch.isfinite(chi.flattened().matrix).all()):  # e.g. all chains diverged: keep weights
             rank_zero_warn(
-                f"PatterningCallback: the estimate at step {trainer.global_step} is not finite (diverged "
-                f"chains: {chi.diverged_chains}); the weights are left unchanged. Lower SGLDConfig.lr or "
-                "raise divergence_factor if this repeats."
+                f"PatterningCallback ({self.name}): the estimate at step {trainer.global_step} is not finite "
+                f"(diverged chains: {chi.diverged_chains}); the weights are left unchanged. Lower "
+                "SGLDConfig.lr or raise divergence_factor if this repeats."
             )
             row["active"] = 0.0
-            self._pending = None
             return chi, row
         row.update(self._apply(trainer, _weighted_sampler(trainer), chi))
-        row["active"] = 1.0
-        if self.one_off:
+        if self.one_off and row["active"]:
             self._frozen = True
         return chi, row
 
     def _apply(self, trainer: pl.Trainer, sampler: WeightedDistributedSampler, chi: Susceptibilities) -> dict:
+        """Gate, solve and update the sampler's weights; returns the history fields of the update."""
         if _token_rule(trainer) is not None:
             return self._apply_tokens(trainer, chi)
         matrix, dmu = self.target.resolve(chi)
+        row: dict[str, float] = {}
+        scale = 1.0
+        if self.noise_gate is not None:
+            gate = noise_gate(matrix, self.target.errors(chi), dmu, k=self.noise_gate, dof=_error_dof(chi))
+            row.update(gate.info())
+            scale = gate.scale
+        if scale == 0.0:
+            row["active"] = 0.0
+            return row
         old = sampler.weights.double()
         columns = _column_positions(chi, sampler)
         if self.coordinates == "log_weights":
@@ -227,17 +287,17 @@ class PatterningCallback(SusceptibilityCallback):
             dh_columns = solve_intervention(matrix, dmu, rtol=self.rtol, ridge=self.ridge)
         dh = torch.zeros_like(old)
         dh[columns] = dh_columns.double()
-        new, info = self.update.apply(old, dh)
+        update = replace(self.update, strength=self.update.strength * scale)
+        new, info = update.apply(old, dh)
         sampler.set_weights(new)
-        delta_mass = (new - old / old.mean())[columns] / len(new)
+        delta_mass = (new / new.sum() - old / old.sum())[columns]
         predicted = chi.nbeta * (chi.matrix.double() @ delta_mass)
         self._pending = {"mu": {n: float(m) for n, m in zip(chi.names, chi.mu, strict=True)}}
-        row = {f"predicted_dmu/{n}": float(p) for n, p in zip(chi.names, predicted, strict=True)}
+        row.update({f"predicted_dmu/{n}": float(p) for n, p in zip(chi.names, predicted, strict=True)})
         row.update(info)
-        if info["floor_fraction"] > 0.5:
-            rank_zero_warn(
-                f"PatterningCallback: {info['floor_fraction']:.0%} of the weights sit at the floor."
-            )
+        row.update(sampling_summary(new, sampler.group_sizes))
+        row["active"] = 1.0
+        self._warn_about_weights(trainer, old, new, sampler, row)
         return row
 
     def _apply_tokens(self, trainer: pl.Trainer, chi: Susceptibilities) -> dict:
@@ -258,23 +318,59 @@ class PatterningCallback(SusceptibilityCallback):
         tensorboard.log_token_weights(trainer, rule, step, prefix=prefix)
         if math.isfinite(row["heldout_r"]):
             tensorboard.log_scalars(trainer, {f"{prefix}/heldout_r": row["heldout_r"]}, step)
+        row["active"] = 1.0
         return row
+
+    def _warn_about_weights(
+        self,
+        trainer: pl.Trainer,
+        old: torch.Tensor,
+        new: torch.Tensor,
+        sampler: WeightedDistributedSampler,
+        row: dict[str, float],
+    ) -> None:
+        step, owner = trainer.global_step, f"PatterningCallback ({self.name})"
+        if row["floor_fraction"] > 0.5:
+            rank_zero_warn(
+                f"{owner} at step {step}: {row['floor_fraction']:.0%} of the weights sit at the floor."
+            )
+        if row["ess_fraction"] < ESS_WARNING:
+            rank_zero_warn(
+                f"{owner} at step {step}: the effective sample size of the training draw fell to "
+                f"{row['ess_fraction']:.0%} of the data (below {ESS_WARNING:.0%}); lower strength or "
+                "max_change, or add smoothing."
+            )
+        if sampler.groups is not None:
+            before, after = old / old.sum(), new / new.sum()
+            fallen = torch.nonzero((before >= MASS_WARNING) & (after < MASS_WARNING)).flatten().tolist()
+            if fallen:
+                masses = ", ".join(f"{g}: {float(after[g]):.2%}" for g in fallen)
+                rank_zero_warn(
+                    f"{owner} at step {step}: group(s) fell below {MASS_WARNING:.0%} of the probability "
+                    f"mass ({masses})."
+                )
+
+    def _log_masses(self, trainer: pl.Trainer, sampler: WeightedDistributedSampler) -> None:
+        """One scalar per column's probability mass (``{name}/mass/{column}``), for at most 32 columns."""
+        weights = sampler.weights
+        if len(weights) <= MASS_SCALARS:
+            mass = weights / weights.sum()
+            scalars = {f"{self.name}/mass/{g}": float(m) for g, m in enumerate(mass)}
+            tensorboard.log_scalars(trainer, scalars, trainer.global_step)
 
     def log_result(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, result: Susceptibilities, on_step: bool
     ) -> None:
         super().log_result(trainer, pl_module, result, on_step)
         row = self.history[-1]
-        keys = ("ess_fraction", "floor_fraction", "min_weight", "max_weight", "active")
-        scalars = {f"patterning/{k}": float(v) for k, v in row.items() if k in keys or "dmu/" in k}
-        tensorboard.log_scalars(trainer, scalars, trainer.global_step)
-        for key, value in scalars.items():
-            if math.isfinite(value):
-                pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=False)
-        weights = _weighted_sampler(trainer).weights
+        keys = ("gate", "snr", "ess_fraction", "floor_fraction", "min_weight", "max_weight", "active")
+        scalars = {f"{self.name}/{k}": float(v) for k, v in row.items() if k in keys or "dmu/" in k}
+        self.log_scalars(trainer, pl_module, scalars, on_step)
+        sampler = _weighted_sampler(trainer)
+        self._log_masses(trainer, sampler)
         for writer in tensorboard.tensorboard_writers(trainer, "histograms"):
             if trainer.is_global_zero:
-                writer.add_histogram("patterning/weights", weights, global_step=trainer.global_step)
+                writer.add_histogram(f"{self.name}/weights", sampler.weights, global_step=trainer.global_step)
 
 
 def _weighted_sampler(trainer: pl.Trainer) -> WeightedDistributedSampler:
@@ -291,6 +387,22 @@ def _weighted_sampler(trainer: pl.Trainer) -> WeightedDistributedSampler:
             "lightning_patterning.data.weighted_dataloader(...)."
         )
     return sampler
+
+
+def _error_dof(chi: Susceptibilities) -> int | None:
+    """Degrees of freedom of ``chi.stderr``, a jackknife over the chains that did not diverge: chains − 1
+    (``None`` when the result does not say how many chains it had)."""
+    chains = chi.config.get("num_chains")
+    if not isinstance(chains, int):
+        return None
+    return chains - max(chi.diverged_chains.values(), default=0) - 1
+
+
+def _column_positions(chi: Susceptibilities, sampler: WeightedDistributedSampler) -> torch.Tensor:
+    """Positions in the sampler's weight vector of the matrix columns (groups or probe samples)."""
+    if chi.group_names is not None:
+        return torch.tensor([int(name) for name in chi.group_names], dtype=torch.long)
+    return chi.sample_ids.long()
 
 
 def _token_rule(trainer: pl.Trainer) -> TokenWeightRule | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -11,25 +10,30 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from lightning_patterning.callbacks import tensorboard
 from lightning_patterning.callbacks.base import EstimationCallback
+from lightning_patterning.estimators.probe import ProbeSet
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.estimators.susceptibilities import estimate_susceptibilities, restriction_masks
 from lightning_patterning.observables import Observable, Restricted, check_observables
 from lightning_patterning.sgld.config import SGLDConfig
 from lightning_patterning.sgld.functional import LossFn
+from lightning_patterning.sgld.restrict import resolve_param_masks
 
 
 class SusceptibilityCallback(EstimationCallback):
     """Estimates ``χ`` [observables × probe samples or groups] on a schedule
     (docs/concepts/susceptibilities.md).
 
-    Logged at ``trainer.global_step``: ``susceptibility/mu/{observable}`` (posterior means),
-    ``susceptibility/abs_mean/{observable}`` and ``susceptibility/stderr_mean/{observable}`` (row summaries),
-    ``susceptibility/explained_variance/pc{j}``, ``sgld/{name}/diverged_chains`` and ``sgld/{name}/seconds``;
-    TensorBoard figures ``{name}/matrix`` (row-standardized heatmap), ``{name}/explained_variance`` and
-    ``{name}/pc1_pc2_data`` (scatter of the data loadings). Each estimate is saved as
+    Logged at ``trainer.global_step`` (every tag starts with ``name``): ``{name}/mu/{observable}``
+    (posterior means), ``{name}/abs_mean/{observable}`` and ``{name}/stderr_mean/{observable}`` (row
+    summaries), ``{name}/explained_variance/pc{j}``, ``{name}/sgld/diverged_chains`` and
+    ``{name}/sgld/seconds``; TensorBoard figures ``{name}/matrix`` (row-standardized heatmap),
+    ``{name}/explained_variance`` and ``{name}/pc1_pc2_data`` (scatter of the data loadings); a
+    custom-scalars section ``{name}``. Non-finite values are not logged; an estimate skipped because the loss
+    at the checkpoint is non-finite logs nothing. Each estimate is saved as
     ``{save_dir}/step{step:08d}.pt`` (``Susceptibilities.load`` reads it) and kept in ``latest`` for other
     code (``PatterningCallback``, a user).
 
@@ -39,7 +43,10 @@ class SusceptibilityCallback(EstimationCallback):
         probe: data of the columns; default the SGLD data (training set).
         probe_indices: indices of ``probe`` to use; default ``probe_size`` evenly spaced samples.
         probe_size: number of probe samples when ``probe_indices`` is not given.
-        groups: aggregate columns into groups (a dataset field name, or one label per probe sample).
+        groups: aggregate columns into groups: a field name of the probe's samples (or a sequence attribute
+            of its dataset), or one label per sample of the probe dataset (the meaning of
+            ``PatterningDataModule(groups=...)``: one id per sample of the dataset). Checked when training
+            starts.
         loss_batches: minibatches forming the fixed set on which ``L(w)`` is measured.
         save_dir: where estimates are saved; default ``{logger.log_dir}/{name}``, or no saving without a
             logger.
@@ -96,12 +103,25 @@ class SusceptibilityCallback(EstimationCallback):
         self.latest: Susceptibilities | None = None
 
     def check_module(self, module: nn.Module) -> None:
+        try:
+            resolve_param_masks(module, None)
+        except ValueError as error:
+            raise MisconfigurationException(f"{type(self).__name__}: {error}") from error
         for observable in self.observables:
             if isinstance(observable, Restricted):
                 try:
                     restriction_masks(module, observable)
                 except ValueError as error:
                     raise MisconfigurationException(f"SusceptibilityCallback: {error}") from error
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        probe, indices, groups = self.estimate_probe(trainer)
+        try:
+            ProbeSet(probe, indices, groups)
+        except (ValueError, TypeError, IndexError) as error:
+            raise MisconfigurationException(f"{type(self).__name__} ({self.name}): {error}") from error
 
     def estimate_probe(self, trainer: pl.Trainer) -> tuple[Dataset, list[int], Any]:
         """The probe dataset, the indices used (``probe_indices`` or ``probe_size`` evenly spaced ones) and
@@ -142,20 +162,17 @@ class SusceptibilityCallback(EstimationCallback):
         view = result.flattened()  # per-token [k, N, T] matrices: the [k, M] valid tokens
         scalars: dict[str, float] = {}
         for i, observable in enumerate(result.names):
-            scalars[f"susceptibility/mu/{observable}"] = float(result.mu[i])
-            scalars[f"susceptibility/abs_mean/{observable}"] = float(view.matrix[i].abs().mean())
-            scalars[f"susceptibility/stderr_mean/{observable}"] = float(view.stderr[i].mean())
+            scalars[f"{n}/mu/{observable}"] = float(result.mu[i])
+            scalars[f"{n}/abs_mean/{observable}"] = float(view.matrix[i].abs().mean())
+            scalars[f"{n}/stderr_mean/{observable}"] = float(view.stderr[i].mean())
         finite = bool(torch.isfinite(view.matrix).all())
         if finite:
             explained = result.explained_variance()
             for j, value in enumerate(explained.tolist()[:8]):
-                scalars[f"susceptibility/explained_variance/pc{j + 1}"] = value
-        scalars[f"sgld/{n}/diverged_chains"] = float(sum(result.diverged_chains.values()))
-        scalars[f"sgld/{n}/seconds"] = self.history[-1]["seconds"]
-        tensorboard.log_scalars(trainer, scalars, step)
-        for key, value in scalars.items():
-            if math.isfinite(value):
-                pl_module.log(key, value, on_step=on_step, on_epoch=not on_step, logger=False)
+                scalars[f"{n}/explained_variance/pc{j + 1}"] = value
+        scalars[f"{n}/sgld/diverged_chains"] = float(sum(result.diverged_chains.values()))
+        scalars[f"{n}/sgld/seconds"] = self.history[-1]["seconds"]
+        self.log_scalars(trainer, pl_module, scalars, on_step)
         if finite:
             _, _, v = view.pca()
             tensorboard.log_matrix_figures(
@@ -172,6 +189,21 @@ class SusceptibilityCallback(EstimationCallback):
         directory = self._directory(trainer)
         if directory is not None and trainer.is_global_zero:
             result.save(directory / f"step{step:08d}.pt")
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        tensorboard.add_layout(trainer, self.name, self.layout())
+
+    def layout(self) -> dict[str, list[str]]:
+        """The custom-scalars charts of this callback: chart title → tag regexes."""
+        n = self.name
+        return {
+            f"{n}: posterior means μ": [f"^{n}/mu/"],
+            f"{n}: mean |χ| per observable": [f"^{n}/abs_mean/"],
+            f"{n}: mean stderr per observable": [f"^{n}/stderr_mean/"],
+            f"{n}: explained variance": [f"^{n}/explained_variance/"],
+            f"{n}: SGLD": [f"^{n}/sgld/"],
+        }
 
     def _directory(self, trainer: pl.Trainer) -> Path | None:
         if self.save_dir is not None:

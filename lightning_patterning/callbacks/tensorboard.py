@@ -1,19 +1,24 @@
-"""TensorBoard helpers: figures and the custom-scalars layout, behind an isinstance check."""
+"""TensorBoard helpers: figures and the custom-scalars layout, behind an isinstance check.
+
+Figures are drawn on ``matplotlib.figure.Figure`` objects with an Agg canvas of their own: no pyplot,
+so importing or running this never touches matplotlib's global state (its backend, pyplot's figures).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
-import matplotlib
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from lightning_patterning.patterning.tokens import TokenWeightRule
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt
 
 _warned: set[str] = set()
 
@@ -28,9 +33,13 @@ def tensorboard_writers(trainer: pl.Trainer, what: str) -> list[Any]:
 
 
 def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Send scalars straight to every logger at ``step`` (unaffected by ``log_every_n_steps``)."""
+    """Send the finite scalars straight to every logger at ``step`` (unaffected by ``log_every_n_steps``);
+    NaN/inf values are left out."""
+    finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
+    if not finite:
+        return
     for logger in trainer.loggers:
-        logger.log_metrics(metrics, step=step)
+        logger.log_metrics(finite, step=step)
 
 
 def log_trace_figure(trainer: pl.Trainer, tag: str, trace: torch.Tensor, reference: float, step: int) -> None:
@@ -38,7 +47,7 @@ def log_trace_figure(trainer: pl.Trainer, tag: str, trace: torch.Tensor, referen
     writers = tensorboard_writers(trainer, "figures")
     if not writers or trainer.global_rank != 0:
         return
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = _figure((6, 3.5))
     for chain, row in enumerate(trace):
         axis.plot(row.numpy(), lw=0.8, label=f"chain {chain}")
     axis.axhline(reference, color="black", ls="--", lw=1, label="L(w*)")
@@ -47,15 +56,18 @@ def log_trace_figure(trainer: pl.Trainer, tag: str, trace: torch.Tensor, referen
     axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     for writer in writers:
-        writer.add_figure(tag, figure, global_step=step)
-    plt.close(figure)
+        add_figure(writer, tag, figure, step)
 
 
 def add_layout(trainer: pl.Trainer, section: str, charts: dict[str, list[str]]) -> None:
-    """Register a custom-scalars dashboard section: chart title → tag regexes (one multiline chart each)."""
-    layout = {section: {title: ["Multiline", tags] for title, tags in charts.items()}}
+    """Register a custom-scalars dashboard section: chart title → tag regexes (one multiline chart each).
+
+    TensorBoard shows only the last layout written to a run, so each writer keeps the sections registered
+    so far (one per callback) and every call writes their union."""
     for writer in tensorboard_writers(trainer, "the custom-scalars layout"):
-        writer.add_custom_scalars(layout)
+        sections = writer.__dict__.setdefault("_lightning_patterning_layout", {})
+        sections[section] = {title: ["Multiline", tags] for title, tags in charts.items()}
+        writer.add_custom_scalars(dict(sections))
 
 
 def log_matrix_figures(
@@ -74,7 +86,7 @@ def log_matrix_figures(
     writers = tensorboard_writers(trainer, "figures")
     if not writers or trainer.global_rank != 0:
         return
-    heat, axis = plt.subplots(figsize=(8, 0.4 * len(names) + 1.5))
+    heat, axis = _figure((8, 0.4 * len(names) + 1.5))
     limit = float(standardized.abs().max()) or 1.0
     image = axis.imshow(
         standardized.numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest"
@@ -85,23 +97,38 @@ def log_matrix_figures(
     axis.set_xlabel("probe samples / groups")
     heat.colorbar(image, ax=axis, label="χ (row z-score)")
     heat.tight_layout()
-    spectrum, axis = plt.subplots(figsize=(4, 3))
+    spectrum, axis = _figure((4, 3))
     axis.bar(range(1, len(explained) + 1), explained.numpy())
     axis.set_xlabel("principal component")
     axis.set_ylabel("explained variance")
     spectrum.tight_layout()
-    scatter, axis = plt.subplots(figsize=(4, 4))
+    scatter, axis = _figure((4, 4))
     if data_loadings.shape[1] >= 2:
         axis.scatter(data_loadings[:, 0].numpy(), data_loadings[:, 1].numpy(), s=6)
     axis.set_xlabel("PC1 data loading v₁")
     axis.set_ylabel("PC2 data loading v₂")
     scatter.tight_layout()
     for writer in writers:
-        writer.add_figure(f"{prefix}/matrix", heat, global_step=step)
-        writer.add_figure(f"{prefix}/explained_variance", spectrum, global_step=step)
-        writer.add_figure(f"{prefix}/pc1_pc2_data", scatter, global_step=step)
-    for figure in (heat, spectrum, scatter):
-        plt.close(figure)
+        add_figure(writer, f"{prefix}/matrix", heat, step)
+        add_figure(writer, f"{prefix}/explained_variance", spectrum, step)
+        add_figure(writer, f"{prefix}/pc1_pc2_data", scatter, step)
+
+
+def add_figure(writer: Any, tag: str, figure: Figure, step: int) -> None:
+    """Render ``figure`` on its Agg canvas and log it as an image (``SummaryWriter.add_figure`` would
+    import pyplot to close it)."""
+    canvas = figure.canvas
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3]
+    writer.add_image(tag, image, global_step=step, dataformats="HWC")
+
+
+def _figure(size: tuple[float, float]) -> tuple[Figure, Axes]:
+    """A figure with one axis, on an Agg canvas of its own (no pyplot: nothing global is registered, so
+    there is nothing to close)."""
+    figure = Figure(figsize=size)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
 
 
 def log_token_weights(

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler, Subset
 
-from lightning_patterning.data.sampler import WeightedDistributedSampler
+from lightning_patterning.data.sampler import InitialMass, WeightedDistributedSampler
 from lightning_patterning.data.weights import validate_groups, validate_weights
 from lightning_patterning.patterning.tokens import TokenClasses, TokenWeightRule
 
@@ -52,11 +52,19 @@ class PatterningDataModule(pl.LightningDataModule):
     draws with a :class:`WeightedDistributedSampler` (see it for the sampling rule and the lag of a weight
     change: at most ``ceil((chunk_size − 1) / batch_size)`` batches, plus ``num_workers · prefetch_factor``).
 
+    Before any ``set_weights`` the draw is the data's natural mix (every training sample equally likely;
+    with groups, each group's mass proportional to its size), unless ``initial_mass="equal"``.
+    ``weights`` reports the weights in one unit at all times: normalized to mean 1 over the entries
+    (samples, or groups); ``set_weights`` takes any positive scale.
+
     Args:
         datamodule: the DataModule to wrap; its ``train_dataloader()`` must return a map-style DataLoader.
         groups: per-group weights instead of per-sample ones: the name of a field of the samples (dict
             samples) or of a sequence attribute of the dataset holding each sample's group id, or the
-            group ids themselves (one per sample). ``None``: one weight per sample.
+            group ids themselves (one per training sample, checked when the training DataLoader is
+            built). ``None``: one weight per sample.
+        initial_mass: ``"natural"`` (default; mass proportional to group size) or ``"equal"`` (the same
+            mass for every group); only matters with ``groups`` and before the first ``set_weights``.
         replacement: draw with replacement (default) or an epoch-long weighted order without it.
         chunk_size: indices per rank drawn at a time.
         seed: seed of the draw, identical on all ranks.
@@ -74,10 +82,13 @@ class PatterningDataModule(pl.LightningDataModule):
         replacement: bool = True,
         chunk_size: int = 256,
         seed: int = 0,
+        initial_mass: InitialMass = "natural",
         token_classes: TokenClasses | str | None = None,
         num_token_classes: int | None = None,
         token_class_names: list[str] | None = None,
     ) -> None:
+        if initial_mass not in ("natural", "equal"):
+            raise ValueError(f"initial_mass must be 'natural' or 'equal', got {initial_mass!r}")
         if not isinstance(datamodule, pl.LightningDataModule):
             raise TypeError(f"datamodule must be a LightningDataModule, got {type(datamodule).__name__}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -88,6 +99,7 @@ class PatterningDataModule(pl.LightningDataModule):
         self.replacement = replacement
         self.chunk_size = chunk_size
         self.seed = seed
+        self.initial_mass = initial_mass
         self.prepare_data_per_node = datamodule.prepare_data_per_node
         self.allow_zero_length_dataloader_with_multiple_devices = (
             datamodule.allow_zero_length_dataloader_with_multiple_devices
@@ -152,7 +164,10 @@ class PatterningDataModule(pl.LightningDataModule):
             kwargs = trainer.distributed_sampler_kwargs or {}
             num_replicas = int(kwargs.get("num_replicas", trainer.world_size))
             rank = int(kwargs.get("rank", trainer.global_rank))
-        groups = resolve_groups(dataset, self.groups)
+        try:
+            groups = resolve_groups(dataset, self.groups)
+        except ValueError as error:
+            raise ValueError(f"PatterningDataModule(groups=...): {error}") from error
         old = self._sampler
         if old is not None and _same_layout(old, dataset, groups, num_replicas, rank):
             old.dataset = dataset
@@ -162,7 +177,9 @@ class PatterningDataModule(pl.LightningDataModule):
                 weights = old.weights if old.num_weights == _num_weights(dataset, groups) else None
                 if weights is None:
                     warnings.warn(
-                        "The training data changed size: sampler weights reset to uniform.", stacklevel=2
+                        f"The training data changed size: sampler weights reset to the {self.initial_mass} "
+                        "mass.",
+                        stacklevel=2,
                     )
             self._sampler = WeightedDistributedSampler(
                 dataset,
@@ -173,6 +190,7 @@ class PatterningDataModule(pl.LightningDataModule):
                 seed=self.seed,
                 replacement=self.replacement,
                 chunk_size=self.chunk_size,
+                initial_mass=self.initial_mass,
             )
             self._pending_weights = None
         if self._pending_state is not None:
@@ -188,13 +206,17 @@ class PatterningDataModule(pl.LightningDataModule):
 
     @property
     def weights(self) -> Tensor | None:
-        """A copy of the weights in use (or set and not yet applied); ``None`` means uniform."""
+        """The weights in use (or set and not yet applied), normalized to mean 1 over the entries (samples
+        or groups); ``weights / weights.sum()`` is each one's probability mass. ``None``: the training
+        DataLoader is not built yet and no weights were set (the ``initial_mass`` will apply)."""
         if self._sampler is not None:
             return self._sampler.weights
-        return None if self._pending_weights is None else self._pending_weights.clone()
+        pending = self._pending_weights
+        return None if pending is None else pending / pending.mean()
 
     def set_weights(self, weights: Tensor | Sequence[float]) -> None:
-        """Set the sampling weights now, or when the sampler is built if it does not exist yet.
+        """Set the sampling weights now, or when the sampler is built if it does not exist yet. Any
+        positive scale: only ratios matter (e.g. the group sizes for the natural mix).
 
         Raises:
             ValueError: NaN/inf, negative, zero sum or (once the data is known) wrong length; the weights in
@@ -280,6 +302,7 @@ def weighted_dataloader(
     replacement: bool = True,
     chunk_size: int = 256,
     seed: int = 0,
+    initial_mass: InitialMass = "natural",
 ) -> DataLoader:
     """``loader`` re-built to draw with a :class:`WeightedDistributedSampler` (other settings kept).
 
@@ -290,11 +313,12 @@ def weighted_dataloader(
 
     Args:
         loader: a DataLoader over a map-style dataset with ``__len__``.
-        weights: per-sample weights (per-group with ``groups``); default uniform.
+        weights: per-sample weights (per-group with ``groups``), any positive scale; default ``initial_mass``.
         groups: a sample field / dataset attribute name, or one group id per sample.
         num_replicas: number of ranks. rank: this rank.
         replacement: with or without replacement. chunk_size: indices per rank drawn at a time.
         seed: seed of the draw.
+        initial_mass: without ``weights``: ``"natural"`` (mass proportional to group size) or ``"equal"``.
 
     Raises:
         TypeError: ``loader`` is not a DataLoader over a map-style dataset with ``__len__``.
@@ -309,6 +333,7 @@ def weighted_dataloader(
         seed=seed,
         replacement=replacement,
         chunk_size=chunk_size,
+        initial_mass=initial_mass,
     )
     return _rebuild(loader, sampler)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence, Sized
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,8 @@ from lightning_patterning.sgld.seeding import private_generator
 
 __all__ = ["WeightedDistributedSampler"]
 
+InitialMass = Literal["natural", "equal"]
+_INITIAL_MASSES = ("natural", "equal")
 _CONFIG_KEYS = ("seed", "chunk_size", "replacement", "num_samples", "drop_last", "dataset_length")
 
 
@@ -89,10 +91,18 @@ class WeightedDistributedSampler(DistributedSampler[int]):
     later epochs run as usual. ``set_epoch`` works as in ``DistributedSampler``. The weights of each change
     within the current epoch are kept (one weight vector per change) so the epoch can be replayed.
 
+    Weights are relative: any positive scale gives the same draw. ``weights`` reports them in one unit at
+    all times, normalized to mean 1 over the entries (samples, or groups): with groups, group ``g``'s weight
+    is ``G·m_g`` (``m_g`` its probability mass), so the natural mix reads ``G·n_g/N``.
+
     Args:
         dataset: a map-style dataset with ``__len__``.
-        weights: one weight per sample, or one per group with ``groups``; default uniform.
+        weights: one weight per sample, or one per group with ``groups``, any positive scale; default
+            ``initial_mass``.
         groups: a group id ``0..G−1`` per sample; then ``weights`` has length ``G = max(groups) + 1``.
+        initial_mass: without ``weights``: ``"natural"`` (default: every sample equally likely, i.e. each
+            group's mass proportional to its size, the data's own mix) or ``"equal"`` (the same mass for
+            every group, whatever its size). The two differ only with ``groups``.
         num_replicas: number of ranks; default the torch.distributed world size, or 1 when not initialized.
         rank: this rank; default the torch.distributed rank, or 0.
         seed: base seed, identical on all ranks.
@@ -115,7 +125,10 @@ class WeightedDistributedSampler(DistributedSampler[int]):
         num_samples: int | None = None,
         chunk_size: int = 256,
         drop_last: bool = False,
+        initial_mass: InitialMass = "natural",
     ) -> None:
+        if initial_mass not in _INITIAL_MASSES:
+            raise ValueError(f"initial_mass must be one of {_INITIAL_MASSES}, got {initial_mass!r}")
         if not isinstance(dataset, Sized):
             raise TypeError(
                 f"dataset must be a map-style dataset with __len__; {type(dataset).__name__} has no __len__"
@@ -149,6 +162,8 @@ class WeightedDistributedSampler(DistributedSampler[int]):
             self._counts = torch.bincount(self.groups, minlength=int(self.groups.max()) + 1 if length else 0)
         self.num_weights = length if self._counts is None else len(self._counts)
         default = torch.ones(self.num_weights, dtype=torch.float64)
+        if self._counts is not None and initial_mass == "natural":
+            default = self._counts.to(torch.float64)
         self._weights = self._validated(default if weights is None else weights)
         self._version = 0
         self._draw: _EpochDraw | None = None
@@ -161,8 +176,14 @@ class WeightedDistributedSampler(DistributedSampler[int]):
 
     @property
     def weights(self) -> Tensor:
-        """A copy of the weights in use (per sample, or per group with ``groups``), float64."""
-        return self._weights.clone()
+        """The weights in use (per sample, or per group with ``groups``), float64, normalized to mean 1
+        over the entries (a new tensor; ``weights / weights.sum()`` is each entry's probability mass)."""
+        return self._weights / self._weights.mean()
+
+    @property
+    def group_sizes(self) -> Tensor | None:
+        """Samples per group (``None`` with per-sample weights)."""
+        return None if self._counts is None else self._counts.clone()
 
     @property
     def version(self) -> int:

@@ -28,9 +28,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_patterning.sgld.batches import SampleSource, reference_batches
-from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext
+from lightning_patterning.sgld.batches import SampleSource, reference_indices
+from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext, Progress
 from lightning_patterning.sgld.config import SGLDConfig
+from lightning_patterning.sgld.divergence import check_finite_at_checkpoint, warn_non_finite
 from lightning_patterning.sgld.functional import LossFn, masked_mean
 from lightning_patterning.sgld.restrict import RestrictSpec, resolve_param_masks
 
@@ -105,7 +106,7 @@ def estimate_llc(
     run: int = 0,
     all_reduce: AllReduce | None = None,
     forward_context: ForwardContext | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> LLCResult:
     """Estimate the (optionally weight-restricted) LLC of ``model`` at its current parameters.
 
@@ -124,10 +125,15 @@ def estimate_llc(
         run: index of this estimation (mixed into the seeds so repeated runs use fresh randomness).
         all_reduce: sums a tensor over processes; every process then returns the same result.
         forward_context: factory of a context manager around forwards (e.g. the Trainer's precision).
-        progress: show a progress bar.
+        progress: show a progress bar: ``True``, a label, or a ``ProgressFn`` (see ``ChainRunner``).
 
     Returns:
-        An ``LLCResult``.
+        An ``LLCResult``. Chains whose loss or gradient became non-finite are dropped like diverged ones,
+        with one ``NonFiniteLossWarning`` naming the step and the samples.
+
+    Raises:
+        NonFiniteCheckpointError: the loss at the checkpoint itself is non-finite (a ``ValueError`` that
+            says whether the weights or the data are the cause).
     """
     if not isinstance(config, SGLDConfig):
         raise TypeError(f"config must be an SGLDConfig, got {type(config).__name__}")
@@ -148,6 +154,7 @@ def estimate_llc(
     )
     recorder = _LLCRecorder(runner.num_chains, config.num_draws, config.paired)
     summary = runner.run(recorder)  # a rank with no chains only validates and joins the reduction
+    warn_non_finite(summary.non_finite, "estimate_llc", config.num_chains)
     reference = None if config.paired else _reference_losses(runner, source, config, run)
     return _assemble(
         recorder,
@@ -183,9 +190,16 @@ class _LLCRecorder:
 def _reference_losses(
     runner: ChainRunner, source: SampleSource, config: SGLDConfig, run: int
 ) -> torch.Tensor:
-    """``[init_loss_batches]`` minibatch losses at ``w*``, from a stream shared by all processes."""
-    batches = reference_batches(source, config.batch_size, config.init_loss_batches, config.seed, run)
-    losses = [masked_mean(*_float(runner.center_output(b))) for b in batches]
+    """``[init_loss_batches]`` minibatch losses at ``w*``, from a stream shared by all processes (each
+    checked to be finite)."""
+    losses = []
+    for indices in reference_indices(
+        source.size, config.batch_size, config.init_loss_batches, config.seed, run
+    ):
+        values, mask = _float(runner.center_output(source.fetch(indices)))
+        valid = values if mask is None else torch.where(mask, values, values.new_zeros(()))
+        check_finite_at_checkpoint(runner.model, valid, indices, "the SGLD data")
+        losses.append(masked_mean(values, mask))
     return torch.stack(losses).double().cpu()
 
 

@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from lightning_patterning.sgld.batches import Batch, SampleSource
 
 GroupSpec = None | str | Sequence[Hashable] | Callable[[Any], Hashable]
-"""Groups of probe samples: a dataset field name, one label per probe sample, or ``fn(sample) -> label``."""
+"""Groups of probe samples: a dataset field name, one label per sample of the probe dataset (or per selected
+probe sample), or ``fn(sample) -> label``."""
 
 
 class ProbeSet:
@@ -22,7 +23,9 @@ class ProbeSet:
             ``sample_ids``; otherwise samples are numbered ``0 .. N−1``.
         indices: pick these indices of ``probe`` (e.g. training samples by index); checked against its length.
         groups: ``None`` (per-sample columns), a field name (samples are mappings, or the dataset has a
-            sequence attribute of that name), one label per probe sample, or ``fn(sample) -> label``.
+            sequence attribute of that name), one label per sample of ``probe`` (the same meaning as
+            ``PatterningDataModule(groups=...)``: one id per sample of the dataset; also accepted: one label
+            per selected probe sample), or ``fn(sample) -> label``.
         batch_size: size of the collated probe batches.
     """
 
@@ -90,8 +93,13 @@ def _group_labels(dataset: Any, positions: torch.Tensor, groups: GroupSpec) -> l
     if callable(groups):
         return [_label(groups(dataset[int(i)])) for i in positions]
     labels = list(groups)
+    if len(labels) == len(dataset):  # one label per sample of the probe dataset
+        return [_label(labels[int(i)]) for i in positions]
     if len(labels) != len(positions):
-        raise ValueError(f"groups: got {len(labels)} labels for {len(positions)} probe samples")
+        raise ValueError(
+            f"groups: got {len(labels)} labels; give one per sample of the probe dataset ({len(dataset)}) "
+            f"or one per selected probe sample ({len(positions)})"
+        )
     return [_label(label) for label in labels]
 
 

@@ -47,9 +47,10 @@ from lightning_patterning.estimators.probe import GroupSpec, ProbeSet
 from lightning_patterning.estimators.result import Susceptibilities
 from lightning_patterning.estimators.streaming import FullChainSums, RestrictedChainSums, reduce_sums
 from lightning_patterning.observables import LLC, Custom, Observable, ProbeLoss, Restricted, check_observables
-from lightning_patterning.sgld.batches import Batch, SampleSource, reference_batches
-from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext
+from lightning_patterning.sgld.batches import Batch, SampleSource, reference_indices
+from lightning_patterning.sgld.chains import ChainRunner, DrawRecord, ForwardContext, Progress
 from lightning_patterning.sgld.config import SGLDConfig
+from lightning_patterning.sgld.divergence import check_finite_at_checkpoint, warn_non_finite
 from lightning_patterning.sgld.functional import LossFn, check_loss_output
 from lightning_patterning.sgld.restrict import ParamMasks, resolve_param_masks
 
@@ -71,7 +72,7 @@ def estimate_susceptibilities(
     run: int = 0,
     all_reduce: AllReduce | None = None,
     forward_context: ForwardContext | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> Susceptibilities:
     """Estimate the susceptibility matrix ``χ`` [observables × probe samples or groups] at the current
     weights (``[observables, N, T]`` for per-position losses: tokens as samples).
@@ -102,7 +103,13 @@ def estimate_susceptibilities(
         run: index of this estimation, mixed into the seeds.
         all_reduce: sums a tensor over processes.
         forward_context: factory of a context manager around forwards.
-        progress: show progress bars.
+        progress: show progress bars: ``True``, a label, or a ``ProgressFn`` (see ``ChainRunner``).
+
+    Chains whose loss or gradient becomes non-finite are dropped (one ``NonFiniteLossWarning`` per call).
+
+    Raises:
+        NonFiniteCheckpointError: at the checkpoint, a sample of the fixed loss batches or of the probe has
+            a non-finite loss (the message says whether the weights or the data are the cause).
     """
     if not isinstance(config, SGLDConfig):
         raise TypeError(f"config must be an SGLDConfig, got {type(config).__name__}")
@@ -112,7 +119,8 @@ def estimate_susceptibilities(
     restricted_masks = {o.name: restriction_masks(model, o) for o in observables if isinstance(o, Restricted)}
     probe_set = ProbeSet(probe, probe_indices, groups, probe_batch_size)
     source = SampleSource(dataloader)
-    fixed = reference_batches(source, config.batch_size, loss_batches, config.seed, run)
+    fixed_ids = reference_indices(source.size, config.batch_size, loss_batches, config.seed, run)
+    fixed = [source.fetch(indices) for indices in fixed_ids]
     plain = [o for o in observables if not o.restricted]
     plain_data = {o.name: _probe_loss_batches(o, probe_batch_size) for o in plain if isinstance(o, ProbeLoss)}
 
@@ -135,9 +143,14 @@ def estimate_susceptibilities(
 
     full_runner = runner(resolve_param_masks(model, None), 0)
     fixed_outputs = [_center_output(full_runner, b, "loss_fn (loss batches)", True) for b in fixed]
+    for (losses, mask), ids in zip(fixed_outputs, fixed_ids, strict=True):
+        check_finite_at_checkpoint(model, _valid(losses, mask), ids, "the SGLD data")
     fixed_masks = [mask for _, mask in fixed_outputs]
     center_loss = float(batch_means([(losses.unsqueeze(0), mask) for losses, mask in fixed_outputs])[0])
     probe_outputs = [_center_output(full_runner, b, "loss_fn (probe)") for b in probe_set.batches]
+    probe_ids = probe_set.sample_ids.split([len(losses) for losses, _ in probe_outputs])
+    for (losses, mask), ids in zip(probe_outputs, probe_ids, strict=True):
+        check_finite_at_checkpoint(model, _valid(losses, mask), ids, "the probe")
     columns = ProbeColumns(probe_set, probe_outputs, token_groups)
     plain_masks = {
         name: [_center_output(full_runner, b, f"loss_fn (ProbeLoss({name!r}).data)")[1] for b in batches]
@@ -156,6 +169,7 @@ def estimate_susceptibilities(
     )
     summary = full_runner.run(lambda record: full.add(record, *observe(record)))
     full.drop(summary.diverged)
+    events = list(summary.non_finite)
     restricted: dict[str, RestrictedChainSums] = {}
     for index, (name, masks) in enumerate(restricted_masks.items(), start=1):
         sums = RestrictedChainSums(full_runner.num_chains, columns.size, center_loss)
@@ -163,6 +177,8 @@ def estimate_susceptibilities(
         outcome = chains.run(lambda record, s=sums: s.add(record, *observe.losses(record)))
         sums.drop(outcome.diverged)
         restricted[name] = sums
+        events += outcome.non_finite
+    warn_non_finite(events, "estimate_susceptibilities", config.num_chains * (1 + len(restricted_masks)))
     return reduce_sums(
         full,
         restricted,
@@ -265,3 +281,8 @@ def _center_output(
         runner.center_call(batch), _batch_length(batch), argument, require_valid=require_valid
     )
     return losses.detach().cpu(), None if mask is None else mask.detach().cpu()
+
+
+def _valid(losses: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``losses`` with masked-out positions set to 0 (only samples are checked for finiteness)."""
+    return losses if mask is None else torch.where(mask, losses, losses.new_zeros(()))

@@ -1,5 +1,6 @@
 """Patterning: invert the linear response to choose data weights (docs/concepts/patterning.md)."""
 
+from lightning_patterning.patterning.gate import GateResult, noise_gate
 from lightning_patterning.patterning.solve import solve_intervention, solve_log_weights
 from lightning_patterning.patterning.tokens import (
     TokenWeightRule,
@@ -14,10 +15,12 @@ from lightning_patterning.patterning.tokens import (
 from lightning_patterning.patterning.weights import WeightUpdate
 
 __all__ = [
+    "GateResult",
     "TokenWeightRule",
     "WeightUpdate",
     "class_means",
     "heldout_correlation",
+    "noise_gate",
     "probe_token_classes",
     "solve_intervention",
     "solve_log_weights",

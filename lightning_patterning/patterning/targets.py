@@ -12,6 +12,7 @@ Each target turns the latest estimate into the matrix to invert and the right-ha
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -19,7 +20,8 @@ from lightning_patterning.estimators.result import Susceptibilities
 
 
 class Target:
-    """Base class. ``resolve(chi)`` returns ``(matrix to invert [k, N], dμ [k])``."""
+    """Base class. ``resolve(chi)`` returns ``(matrix to invert [k, N], dμ [k])``; ``errors(chi)`` the
+    standard errors of that matrix's entries (for the noise gate)."""
 
     def check_names(self, names: list[str]) -> None:
         """Raise ``ValueError`` if the target names an observable that is not in ``names``."""
@@ -27,9 +29,20 @@ class Target:
     def resolve(self, chi: Susceptibilities) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def errors(self, chi: Susceptibilities) -> torch.Tensor:
+        """Standard errors of the entries of ``resolve(chi)``'s matrix (here: ``chi.stderr``)."""
+        return chi.stderr
+
     def reached(self, chi: Susceptibilities) -> bool:
         """Whether the target is met (then patterning stops adjusting the weights)."""
         return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the target remembers between estimates (saved in the callback's checkpoint state)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict``."""
 
 
 class _NamedTarget(Target):
@@ -92,6 +105,13 @@ class Goal(_NamedTarget):
         dmu = torch.tensor([gaps.get(n, 0.0) for n in chi.names], dtype=chi.matrix.dtype)
         return chi.matrix, dmu
 
+    def state_dict(self) -> dict[str, Any]:
+        """The sign of each goal's first gap (a goal counts as reached once the gap changes sign)."""
+        return {"initial_sign": dict(self._initial_sign)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._initial_sign = {str(k): float(v) for k, v in state.get("initial_sign", {}).items()}
+
     def reached(self, chi: Susceptibilities) -> bool:
         gaps = self._gaps(chi)
         return all(
@@ -119,3 +139,9 @@ class PrincipalDirection(Target):
                 "non-zero principal components"
             )
         return chi.standardized(), self.sign * u[:, self.index - 1]
+
+    def errors(self, chi: Susceptibilities) -> torch.Tensor:
+        """``chi.stderr`` in the units of the row-standardized matrix (divided by each row's spread)."""
+        centred = chi.matrix - chi.matrix.mean(dim=1, keepdim=True)
+        spread = centred.std(dim=1, keepdim=True)
+        return torch.where(spread > 0, chi.stderr / spread.clamp_min(torch.finfo(spread.dtype).tiny), 0.0)

@@ -77,3 +77,22 @@ class WeightUpdate:
             "min_weight": float(proposed.min()),
             "max_weight": float(proposed.max()),
         }
+
+
+def sampling_summary(weights: torch.Tensor, group_sizes: torch.Tensor | None = None) -> dict[str, float]:
+    """How far the training draw is from the natural mix (every training sample equally likely).
+
+    With per-sample weights ``P(i) = w_i/Σw``; with per-group weights (a group's weight is its total mass,
+    shared by its ``n_g`` members) ``P(i) = m_g/n_g``. Returns ``ess_fraction``, the effective sample size
+    of the draw as a fraction of the ``N`` training samples, ``1/(N·Σ_i P(i)²)`` (Kish): 1 at the natural
+    mix, ``1/N`` when one sample takes everything; and ``min_mass``, the smallest probability mass of a
+    column (group or sample).
+    """
+    mass = weights.double() / weights.double().sum()
+    if group_sizes is None:
+        squares, total = float(mass.square().sum()), len(mass)
+    else:
+        sizes = group_sizes.double()
+        present = sizes > 0
+        squares, total = float((mass[present].square() / sizes[present]).sum()), int(sizes.sum())
+    return {"ess_fraction": 1.0 / (total * squares), "min_mass": float(mass.min())}

@@ -7,6 +7,7 @@ A step of ``C`` chains fetches ``C × B`` samples in one collation and reshapes 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -124,6 +125,7 @@ class ChainBatches:
         self.batch_size = batch_size
         self.chain_ids = list(chain_ids)
         self.shared = shared
+        self.last_indices: torch.Tensor | None = None
         self._streams = (
             [IndexStream(source.size, private_generator(seed, run, "batches", "shared"))]
             if shared
@@ -134,14 +136,16 @@ class ChainBatches:
         )
 
     def next_indices(self) -> torch.Tensor:
-        """Indices of the next step: ``[streams, B]`` (one row per chain, or one shared row)."""
-        return torch.stack([stream.take(self.batch_size) for stream in self._streams])
+        """Indices of the next step: ``[streams, B]`` (one row per chain, or one shared row); also kept as
+        ``last_indices`` (e.g. to name the samples of a minibatch whose loss is non-finite)."""
+        self.last_indices = torch.stack([stream.take(self.batch_size) for stream in self._streams])
+        return self.last_indices
 
     def next_stacked(self) -> Batch:
         """The next step's minibatches of all chains as one ``[chains, B, ...]`` batch; with ``shared``,
         one fetch broadcast (without a copy) to every chain."""
         if self.shared:
-            batch = self.source.fetch(self._streams[0].take(self.batch_size))
+            batch = self.source.fetch(self.next_indices()[0])
             chains = len(self.chain_ids)
             return tree_map(
                 lambda t: t.unsqueeze(0).expand(chains, *t.shape) if isinstance(t, torch.Tensor) else t, batch
@@ -150,7 +154,27 @@ class ChainBatches:
         return split_leading(self.source.fetch(indices.reshape(-1)), len(self.chain_ids))
 
 
+def reference_indices(size: int, batch_size: int, count: int, seed: int, run: int) -> list[torch.Tensor]:
+    """Dataset indices of ``count`` minibatches for ``L(w*)``, from a stream shared by every process (same on
+    all ranks); minibatches are at most the whole dataset (``batch_size`` is capped at ``size``)."""
+    stream = IndexStream(size, private_generator(seed, run, "reference"))
+    return [stream.take(min(batch_size, size)) for _ in range(count)]
+
+
 def reference_batches(source: SampleSource, batch_size: int, count: int, seed: int, run: int) -> list[Batch]:
-    """``count`` minibatches for ``L(w*)``, from a stream shared by every process (same on all ranks)."""
-    stream = IndexStream(source.size, private_generator(seed, run, "reference"))
-    return [source.fetch(stream.take(batch_size)) for _ in range(count)]
+    """The minibatches of ``reference_indices``."""
+    return [source.fetch(i) for i in reference_indices(source.size, batch_size, count, seed, run)]
+
+
+def capped_batch_size(batch_size: int, source: SampleSource, argument: str = "SGLDConfig.batch_size") -> int:
+    """``batch_size``, or the dataset's size when it is smaller, with a warning that says so (a minibatch
+    larger than the data would repeat samples within one step)."""
+    if batch_size <= source.size:
+        return batch_size
+    warnings.warn(
+        f"{argument} = {batch_size} exceeds the {source.size} samples of the SGLD data: every minibatch is "
+        f"the whole set of {source.size} samples (set batch_size <= {source.size} to silence this)",
+        UserWarning,
+        stacklevel=3,
+    )
+    return source.size

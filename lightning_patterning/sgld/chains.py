@@ -1,42 +1,57 @@
 """The chain engine: localized SGLD chains from a snapshot of the current parameters.
 
 All chains start at ``w*`` and take devinterp's ``SGMCMC.sgld`` / ``SGMCMC.rmsprop_sgld`` step
-(docs/concepts/llc.md) with noise from a private ``torch.Generator``. In ``"vmap"`` mode the sampled
-parameters
-are stacked along a leading chain dimension and one ``torch.func.functional_call`` + ``vmap``
-forward/backward serves every chain (the SGMCMC update is elementwise, so it applies unchanged to the
-stacked tensors). ``"sequential"`` mode keeps one parameter copy and one optimizer per chain and steps them
-in lockstep, for modules that cannot be vmapped.
+(docs/concepts/llc.md). Each chain owns its parameters (one flat vector per chain, ``sgld.flat``), its
+SGMCMC optimizer and its noise generator, seeded by ``(seed, run, chain)``; its minibatches come from a
+stream seeded the same way. A chain's random numbers therefore depend only on ``(seed, run, chain)``: not
+on the other chains, on the chain mode or on how many processes share the chains (DDP).
+
+The two modes differ only in where the vectors live and in the forward/backward. ``"vmap"`` keeps the
+chains' vectors as the rows of one ``[chains, D]`` tensor and serves every chain with one
+``torch.func.functional_call`` + ``vmap`` forward/backward; each chain's optimizer updates its own row (a
+view) with its own row of the gradient. ``"sequential"`` keeps a separate vector per chain and runs one
+forward per chain, for modules that cannot be vmapped. Both give the same chains to float rounding.
+
+Divergence (``sgld.divergence``): a chain whose minibatch loss or gradient is non-finite, or whose loss
+exceeds ``divergence_factor × max(L(w*), divergence_floor)``, is parked at ``w*`` before its next update,
+never stepped again and reported; the SGMCMC step never sees a non-finite gradient.
 
 Isolation (docs/concepts/isolation.md): the live module's parameters are only read (detached); the
-chains own their
-copies; forwards run in eval mode (restored afterwards) so BatchNorm statistics never change; all
-randomness comes from private generators.
+chains own their copies; forwards run in eval mode (restored afterwards) so BatchNorm statistics never
+change; all randomness comes from private generators.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from devinterp.optim import SGMCMC
 from torch import nn
 from torch.func import functional_call, vmap
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from lightning_patterning.sgld.batches import Batch, ChainBatches, SampleSource, batch_to, chain_slice
+from lightning_patterning.sgld.batches import (
+    Batch,
+    ChainBatches,
+    SampleSource,
+    batch_to,
+    capped_batch_size,
+    chain_slice,
+)
+from lightning_patterning.sgld.check import ForwardContext, LossCheck, check_loss_fn
 from lightning_patterning.sgld.config import SGLDConfig
+from lightning_patterning.sgld.divergence import NonFiniteEvent, non_finite_events
+from lightning_patterning.sgld.flat import FlatLayout
 from lightning_patterning.sgld.functional import (
     PREFIX,
     LossFn,
     LossModule,
-    check_loss_output,
     evaluation_mode,
     masked_mean,
     split_loss_output,
@@ -44,7 +59,21 @@ from lightning_patterning.sgld.functional import (
 from lightning_patterning.sgld.restrict import ParamMasks
 from lightning_patterning.sgld.seeding import private_generator
 
-ForwardContext = Callable[[], AbstractContextManager[Any]]
+__all__ = [
+    "ChainRunSummary",
+    "ChainRunner",
+    "DrawRecord",
+    "ForwardContext",
+    "LossCheck",
+    "Progress",
+    "ProgressFn",
+    "check_loss_fn",
+]
+
+ProgressFn = Callable[[range, str], Iterable[int]]
+"""``fn(steps, details) -> steps``: wraps the SGLD steps in a progress display (``details`` says e.g.
+``"(4 chains, vmap)"``)."""
+Progress = bool | str | ProgressFn
 
 _METRIC_FIELDS = ("unscaled_grad", "localization", "noise")
 _METRIC_SAMPLES = 10
@@ -96,6 +125,7 @@ class ChainRunSummary:
         reference_loss: ``L(w*)`` used by the divergence check (mean over the validation batch).
         diagnostics: root-mean-square over chains of devinterp's per-step norms (sampled at a few draws):
             ``grad_norm`` (``(ε/2)·nβ·‖∇L_B‖``), ``localization_norm``, ``noise_norm``.
+        non_finite: the chains dropped because of a non-finite loss or gradient, with the step and samples.
     """
 
     chain_ids: list[int]
@@ -104,45 +134,11 @@ class ChainRunSummary:
     diverged_at: torch.Tensor
     reference_loss: float
     diagnostics: dict[str, float]
+    non_finite: list[NonFiniteEvent] = field(default_factory=list)
 
 
 class EmptyMinibatchError(ValueError):
     """An SGLD minibatch in which the loss function's mask marks no valid position."""
-
-
-class LossCheck(NamedTuple):
-    """What ``check_loss_fn`` measured at the checkpoint: the mean minibatch loss and the FLOPs of that
-    forward (matmul, convolution, attention; ``torch.utils.flop_counter``)."""
-
-    loss: float
-    flops: int
-
-
-@torch.no_grad()
-def check_loss_fn(
-    model: nn.Module,
-    loss_fn: LossFn,
-    source: SampleSource,
-    config: SGLDConfig,
-    forward_context: ForwardContext | None = None,
-    count_flops: bool = False,
-) -> LossCheck:
-    """Run ``loss_fn`` on one minibatch at the checkpoint (eval mode, no grad) and check its output
-    (``check_loss_output``: ``[batch_size]`` or ``[batch_size, T]``, optionally with a position mask),
-    and that its mean over the valid entries is finite. Returns that mean loss and, with
-    ``count_flops``, the forward's FLOPs (else 0)."""
-    stream = ChainBatches(source, config.batch_size, [0], config.seed, -1)
-    device = next(model.parameters()).device
-    batch = batch_to(chain_slice(stream.next_stacked(), 0), device)
-    center = {PREFIX + name: p.detach() for name, p in model.named_parameters()}
-    counter = FlopCounterMode(display=False) if count_flops else None
-    with evaluation_mode(model), (forward_context or nullcontext)(), counter or nullcontext():
-        losses = functional_call(LossModule(model, loss_fn), center, (batch,))
-    values, mask = check_loss_output(losses, config.batch_size)
-    loss = float(masked_mean(values.float(), mask))
-    if not math.isfinite(loss):
-        raise ValueError(f"loss_fn returned a non-finite loss ({loss}) at the checkpoint itself")
-    return LossCheck(loss, counter.get_total_flops() if counter is not None else 0)
 
 
 class ChainRunner:
@@ -156,11 +152,12 @@ class ChainRunner:
         source: the data chains draw minibatches from.
         config: sampler settings.
         param_masks: which parameters (and entries) move; see ``resolve_param_masks``.
-        chain_ids: global chain indices run by this process (default: all). Minibatch streams are seeded
-            by ``(seed, run, chain)``; the vmap path's noise by ``(seed, run, chain_ids)``.
+        chain_ids: global chain indices run by this process (default: all). Chain ``c``'s minibatches and
+            noise are seeded by ``(seed, run, c)``, so its draws do not depend on the other chains.
         run: index of this estimation run (e.g. the how-many-th call of a callback), mixed into seeds.
         forward_context: a factory of a context manager around every forward (e.g. autocast).
-        progress: show a progress bar.
+        progress: ``True`` shows a tqdm bar, a string shows it with that label (e.g. the callback and
+            step), a ``ProgressFn`` wraps the steps in a display of the caller's (e.g. the Trainer's).
     """
 
     def __init__(
@@ -174,7 +171,7 @@ class ChainRunner:
         chain_ids: Sequence[int] | None = None,
         run: int = 0,
         forward_context: ForwardContext | None = None,
-        progress: bool = False,
+        progress: Progress = False,
     ) -> None:
         self.model = model
         self.config = config
@@ -186,14 +183,20 @@ class ChainRunner:
         named = dict(model.named_parameters())
         self._device = next(iter(named.values())).device
         self._center = {PREFIX + name: p.detach() for name, p in named.items()}
-        self._sampled_names = [PREFIX + name for name in param_masks]
-        self._frozen = {k: v for k, v in self._center.items() if k not in set(self._sampled_names)}
-        self._masks = {PREFIX + name: m for name, m in param_masks.items() if m is not None}
+        sampled = [PREFIX + name for name in param_masks]
+        self._frozen = {k: v for k, v in self._center.items() if k not in set(sampled)}
+        self._layout = FlatLayout({n: self._center[n] for n in sampled})
+        self._center_vectors = self._layout.flatten(self._center)
+        self._vector_masks = self._flat_masks(
+            {PREFIX + name: m for name, m in param_masks.items() if m is not None}
+        )
+        self.batch_size = capped_batch_size(config.batch_size, source)
         self._batches = ChainBatches(
-            source, config.batch_size, self.chain_ids, config.seed, run, shared=config.shared_batches
+            source, self.batch_size, self.chain_ids, config.seed, run, shared=config.shared_batches
         )
         self.mode = "sequential" if config.chain_mode == "sequential" else "vmap"
-        self._params: list[dict[str, torch.Tensor]] = []
+        self._vectors: list[list[torch.Tensor]] = []  # per chain: its flat parameter vectors
+        self._stack: list[torch.Tensor] = []  # vmap: per vector, [chains, D] whose rows are _vectors
         self._optimizers: list[SGMCMC] = []
         self._generators: list[torch.Generator] = []
 
@@ -207,39 +210,44 @@ class ChainRunner:
     def device(self) -> torch.device:
         return self._device
 
-    def _build(self, mode: str) -> None:
-        """Fresh parameter copies at ``w*``, optimizers and noise generators for ``mode``."""
-        self.mode = mode
-        chains = self.num_chains
-        seed, run = self.config.seed, self.run_index
-        if mode == "vmap":
-            stacked = {
-                n: self._center[n]
-                .unsqueeze(0)
-                .repeat(chains, *[1] * self._center[n].ndim)
-                .requires_grad_(True)
-                for n in self._sampled_names
-            }
-            masks = {n: m.unsqueeze(0).expand(chains, *m.shape).contiguous() for n, m in self._masks.items()}
-            self._params = [stacked]
-            self._optimizers = [self._make_optimizer(stacked, masks)]
-            self._generators = [private_generator(seed, run, "noise", *self.chain_ids, device=self._device)]
-        else:
-            self._params = [
-                {n: self._center[n].clone().requires_grad_(True) for n in self._sampled_names}
-                for _ in self.chain_ids
-            ]
-            self._optimizers = [self._make_optimizer(p, self._masks) for p in self._params]
-            self._generators = [
-                private_generator(seed, run, "noise", c, device=self._device) for c in self.chain_ids
-            ]
+    def _flat_masks(self, masks: dict[str, torch.Tensor]) -> list[torch.Tensor | None]:
+        """Per flat vector, the per-entry mask (1 where the restriction samples), or ``None`` if the vector
+        is sampled whole."""
+        if not masks:
+            return [None] * len(self._layout.keys)
+        full = {n: masks.get(n, torch.ones_like(self._center[n])) for n in self._layout.names}
+        vectors = self._layout.flatten(full)
+        masked = {self._layout.group_of(n) for n in masks}
+        return [v if g in masked else None for g, v in enumerate(vectors)]
 
-    def _make_optimizer(self, params: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> SGMCMC:
+    def _build(self, mode: str) -> None:
+        """Fresh parameter vectors at ``w*``, optimizers and noise generators, one of each per chain. In
+        vmap mode the vectors are the rows of one stacked leaf per vector (views of it); in sequential mode
+        they are leaves of their own."""
+        self.mode = mode
+        seed, run = self.config.seed, self.run_index
+        chains = self.num_chains
+        if mode == "vmap":
+            self._stack = [
+                v.unsqueeze(0).repeat(chains, 1).requires_grad_(True) for v in self._center_vectors
+            ]
+            self._vectors = [[s.detach()[c] for s in self._stack] for c in range(chains)]
+        else:
+            self._stack = []
+            self._vectors = [
+                [v.clone().requires_grad_(True) for v in self._center_vectors] for _ in range(chains)
+            ]
+        self._optimizers = [self._make_optimizer(vectors) for vectors in self._vectors]
+        self._generators = [
+            private_generator(seed, run, "noise", c, device=self._device) for c in self.chain_ids
+        ]
+
+    def _make_optimizer(self, vectors: list[torch.Tensor]) -> SGMCMC:
         cfg = self.config
-        groups: list[dict[str, Any]] = [{"params": [params[n]], "mask": masks[n]} for n in masks]
-        unmasked = [params[n] for n in self._sampled_names if n not in masks]
-        if unmasked:
-            groups.append({"params": unmasked})
+        groups: list[dict[str, Any]] = [
+            {"params": [v]} if m is None else {"params": [v], "mask": m}
+            for v, m in zip(vectors, self._vector_masks, strict=True)
+        ]
         common: dict[str, Any] = dict(
             lr=cfg.lr,
             nbeta=cfg.resolved_nbeta,
@@ -264,40 +272,45 @@ class ChainRunner:
         return functional_call(self._wrapper, {**self._frozen, **params}, (batch,))
 
     def _chain_params(self, chain: int) -> dict[str, torch.Tensor]:
-        if self.mode == "vmap":
-            return {n: p[chain] for n, p in self._params[0].items()}
-        return self._params[chain]
+        """Chain ``chain``'s parameters as views of its vectors (differentiable)."""
+        return self._layout.unflatten(self._vectors[chain])
 
-    def _step_losses(self, stacked_batch: Batch) -> torch.Tensor:
-        """``[chains]`` minibatch mean loss of each chain on its own minibatch, with autograd (the mean
-        over the valid positions for per-position losses)."""
+    def _stacked_params(self) -> dict[str, torch.Tensor]:
+        """vmap mode: every chain's parameters, ``name → [chains, *shape]`` views of the stacked leaves."""
+        return self._layout.unflatten(self._stack)
+
+    def _collect_gradients(self) -> None:
+        """vmap mode: hand each chain's row of the stacked gradient to its vectors (views, no copy)."""
+        for g, stacked in enumerate(self._stack):
+            if stacked.grad is not None:
+                for vectors, row in zip(self._vectors, stacked.grad.unbind(0), strict=True):
+                    vectors[g].grad = row
+
+    def _step_outputs(self, stacked_batch: Batch) -> Any:
+        """Each chain's loss output on its own minibatch, stacked along a leading chain dimension (losses
+        ``[chains, B]`` or ``[chains, B, T]``, or ``(losses, mask)``), with autograd."""
         with self._forward_context():
             if self.mode == "vmap":
-                output = vmap(self._call, in_dims=(0, 0))(self._params[0], stacked_batch)
-            else:
-                output = _stack_outputs(
-                    [
-                        self._call(self._params[c], chain_slice(stacked_batch, c))
-                        for c in range(self.num_chains)
-                    ]
-                )
-        return _chain_means(output)
+                return vmap(self._call, in_dims=(0, 0))(self._stacked_params(), stacked_batch)
+            return _stack_outputs(
+                [
+                    self._call(self._chain_params(c), chain_slice(stacked_batch, c))
+                    for c in range(self.num_chains)
+                ]
+            )
 
     @torch.no_grad()
-    def _center_losses(self, stacked_batch: Batch) -> torch.Tensor:
-        """``[chains]`` minibatch mean loss at ``w*`` on each chain's minibatch (one forward, broadcast,
-        when the chains share their minibatches)."""
+    def _center_outputs(self, stacked_batch: Batch) -> Any:
+        """The loss output at ``w*`` on each chain's minibatch, stacked like ``_step_outputs`` (one forward,
+        broadcast, when the chains share their minibatches)."""
         with self._forward_context():
             if self.config.shared_batches:
-                losses, mask = split_loss_output(self._call({}, chain_slice(stacked_batch, 0)))
-                return masked_mean(losses.float(), mask).expand(self.num_chains)
+                return _expand_output(self._call({}, chain_slice(stacked_batch, 0)), self.num_chains)
             if self.mode == "vmap":
-                output = vmap(lambda b: self._call({}, b))(stacked_batch)
-            else:
-                output = _stack_outputs(
-                    [self._call({}, chain_slice(stacked_batch, c)) for c in range(self.num_chains)]
-                )
-        return _chain_means(output)
+                return vmap(lambda b: self._call({}, b))(stacked_batch)
+            return _stack_outputs(
+                [self._call({}, chain_slice(stacked_batch, c)) for c in range(self.num_chains)]
+            )
 
     @torch.no_grad()
     def center_call(self, batch: Batch) -> Any:
@@ -323,9 +336,11 @@ class ChainRunner:
         batch = batch_to(batch, self._device)
         with evaluation_mode(self.model), self._forward_context():
             if self.mode == "vmap":
-                output = vmap(self._call, in_dims=(0, None))(self._params[0], batch)
+                output = vmap(self._call, in_dims=(0, None))(self._stacked_params(), batch)
             else:
-                output = _stack_outputs([self._call(p, batch) for p in self._params])
+                output = _stack_outputs(
+                    [self._call(self._chain_params(c), batch) for c in range(self.num_chains)]
+                )
         return split_loss_output(output)[0]
 
     @torch.no_grad()
@@ -340,27 +355,40 @@ class ChainRunner:
                 ]
             )
 
+    @torch.no_grad()
     def _distance(self) -> torch.Tensor:
         """``[chains]`` ``‖w_t − w*‖`` over the sampled parameters."""
-        with torch.no_grad():
-            total = torch.zeros(self.num_chains, device=self._device)
-            if self.mode == "vmap":
-                # One elementwise pass over the stacked tensor, then one full reduction per chain's
-                # contiguous slice: the same sums, in the same order, as the per-chain loop below
-                # (bitwise), without rebuilding every chain's parameter dict for every name.
-                for n, stacked in self._params[0].items():
-                    squares = (stacked - self._center[n]).float().square()
-                    total += torch.stack([squares[c].sum() for c in range(self.num_chains)])
-                return total.sqrt()
-            for n in self._sampled_names:
-                for c in range(self.num_chains):
-                    total[c] += (self._chain_params(c)[n] - self._center[n]).float().square().sum()
-            return total.sqrt()
+        return torch.stack(
+            [
+                sum(
+                    (v - center).float().square().sum()
+                    for v, center in zip(vectors, self._center_vectors, strict=True)
+                )
+                for vectors in self._vectors
+            ]
+        ).sqrt()
+
+    @torch.no_grad()
+    def _finite_gradients(self) -> torch.Tensor:
+        """``[chains]`` (CPU) True where every entry of the chain's gradient is finite (or it has none)."""
+        true = torch.ones(self.num_chains, dtype=torch.bool, device=self._device)
+        if self.mode == "vmap":
+            flags = [torch.isfinite(s.grad).all(dim=1) if s.grad is not None else true for s in self._stack]
+        else:
+            flags = [
+                torch.stack([torch.isfinite(v.grad).all() if v.grad is not None else true[0] for v in group])
+                for group in zip(*self._vectors, strict=True)
+            ]
+        return torch.stack(flags).all(dim=0).cpu()
 
     # ------------------------------------------------------------------ run
 
     def run(self, on_draw: Callable[[DrawRecord], None] | None = None) -> ChainRunSummary:
-        """Run all chains to the end, calling ``on_draw`` at every draw; return the summary."""
+        """Run all chains to the end, calling ``on_draw`` at every draw; return the summary.
+
+        Raises:
+            NonFiniteCheckpointError: the loss at ``w*`` is non-finite on the validation minibatch.
+        """
         with evaluation_mode(self.model):
             cfg = self.config
             # "auto"'s size rule (CPU only): compute-bound chain forwards run sequentially.
@@ -391,10 +419,10 @@ class ChainRunner:
         """Try one vmapped forward/backward on a 2-sample minibatch (a stream of its own, so the chains'
         minibatches are untouched); on failure warn once and report False."""
         probe = ChainBatches(
-            self._batches.source, min(2, self.config.batch_size), self.chain_ids, self.config.seed, -2
+            self._batches.source, min(2, self.batch_size), self.chain_ids, self.config.seed, -2
         )
         try:
-            self._step_losses(batch_to(probe.next_stacked(), self._device)).sum().backward()
+            _chain_means(self._step_outputs(batch_to(probe.next_stacked(), self._device))).sum().backward()
         except EmptyMinibatchError:
             raise
         except Exception as error:
@@ -407,8 +435,8 @@ class ChainRunner:
             )
             return False
         finally:
-            for p in self._params[0].values():
-                p.grad = None
+            for s in self._stack:
+                s.grad = None
         return True
 
     def _run(self, on_draw: Callable[[DrawRecord], None] | None, reference_loss: float) -> ChainRunSummary:
@@ -417,6 +445,7 @@ class ChainRunner:
         threshold = cfg.divergence_factor * max(reference_loss, cfg.divergence_floor)
         diverged = torch.zeros(chains, dtype=torch.bool)
         diverged_at = torch.full((chains,), -1, dtype=torch.long)
+        events: list[NonFiniteEvent] = []
         metric_sums = dict.fromkeys(_METRIC_FIELDS, 0.0)
         metric_count = 0
         metric_every = max(1, cfg.num_draws // _METRIC_SAMPLES)
@@ -424,59 +453,133 @@ class ChainRunner:
             draw, offset = divmod(step - cfg.num_burnin_steps, cfg.steps_between_draws)
             is_draw = step >= cfg.num_burnin_steps and offset == 0
             batch = batch_to(self._batches.next_stacked(), self._device)
-            loss = self._step_losses(batch)
+            output = self._step_outputs(batch)
+            loss = _chain_means(output)
             loss.sum().backward()
-            loss = loss.detach()
-            bad = (~torch.isfinite(loss) | (loss > threshold)).cpu() & ~diverged
+            loss, per_sample = loss.detach(), _valid_values(output).detach()
+            paired_draw = is_draw and on_draw is not None and cfg.paired
+            center_output = self._center_outputs(batch) if paired_draw else None
+            center = _chain_means(center_output) if center_output is not None else None
+            center_samples = _valid_values(center_output) if center_output is not None else None
+            non_finite, over = self._screen(loss, center_samples, threshold)
+            bad = ~diverged & (non_finite | over)
             if bool(bad.any()):
+                events += self._events(step, draw if is_draw else None, loss, per_sample, center_samples, bad)
                 diverged |= bad
                 diverged_at[bad] = step
             sample_metrics = is_draw and draw % metric_every == 0
             if is_draw and on_draw is not None:
-                center = self._center_losses(batch) if cfg.paired else None
                 distance = self._distance() if sample_metrics else None
                 on_draw(DrawRecord(draw, step, loss, center, ~diverged, distance, self))
-            metrics = self._optimizer_step(sample_metrics)
+            metrics = self._optimizer_step(sample_metrics, ~diverged)
             if metrics is not None:
                 for name, value in metrics.items():
                     metric_sums[name] += value
                 metric_count += 1
-            if bool(diverged.any()):
-                self._reset_to_center(diverged)
+            if bool(bad.any()):
+                self._reset_to_center(bad)
         diagnostics = {
             f"{'grad' if k == 'unscaled_grad' else k}_norm": v / max(metric_count, 1)
             for k, v in metric_sums.items()
         }
-        return ChainRunSummary(self.chain_ids, self.mode, diverged, diverged_at, reference_loss, diagnostics)
-
-    def _progress(self, steps: range) -> Iterator[int] | range:
-        if not self.progress:
-            return steps
-        return tqdm(steps, desc=f"SGLD ({self.num_chains} chains, {self.mode})", leave=False)
-
-    def _optimizer_step(self, sample_metrics: bool) -> dict[str, float] | None:
-        """One SGMCMC step of every chain; with ``sample_metrics``, also return the RMS over chains of
-        devinterp's per-chain update norms for this step."""
-        squares = dict.fromkeys(_METRIC_FIELDS, 0.0)
-        for optimizer, generator in zip(self._optimizers, self._generators, strict=True):
-            optimizer.save_metrics = sample_metrics
-            optimizer.step(noise_generator=generator)
-            if sample_metrics:
-                metrics = optimizer.get_metrics()
-                for name in _METRIC_FIELDS:
-                    squares[name] += float(getattr(metrics, name).sum()) ** 2
-            optimizer.save_metrics = False
-            optimizer.zero_grad(set_to_none=True)
-        if not sample_metrics:
-            return None
-        return {name: math.sqrt(total / self.num_chains) for name, total in squares.items()}
+        return ChainRunSummary(
+            self.chain_ids, self.mode, diverged, diverged_at, reference_loss, diagnostics, events
+        )
 
     @torch.no_grad()
-    def _reset_to_center(self, diverged: torch.Tensor) -> None:
-        """Park diverged chains at ``w*`` so they cannot overflow; their records are ignored."""
-        for c in torch.nonzero(diverged).flatten().tolist():
-            for n, p in self._chain_params(c).items():
-                p.copy_(self._center[n])
+    def _screen(
+        self, loss: torch.Tensor, center_samples: torch.Tensor | None, threshold: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[chains]`` (CPU): whether the minibatch loss, the gradient or the paired loss at ``w*`` holds
+        a non-finite value (one sum per chain: NaN and inf propagate through it), and whether the loss
+        exceeds the divergence threshold."""
+        total = loss + self._gradient_sums()
+        if center_samples is not None:
+            total = total + center_samples.float().flatten(1).sum(dim=1)
+        flags = torch.stack([~torch.isfinite(total), loss > threshold]).cpu()
+        return flags[0], flags[1]
+
+    def _gradient_sums(self) -> torch.Tensor:
+        """``[chains]`` the sum of every entry of each chain's gradient (0 where there is none)."""
+        total = torch.zeros(self.num_chains, device=self._device)
+        if self.mode == "vmap":
+            for s in self._stack:
+                if s.grad is not None:
+                    total = total + s.grad.float().sum(dim=1)
+            return total
+        sums = [
+            sum((v.grad.float().sum() for v in vs if v.grad is not None), total[0]) for vs in self._vectors
+        ]
+        return torch.stack(sums)
+
+    def _events(
+        self,
+        step: int,
+        draw: int | None,
+        loss: torch.Tensor,
+        per_sample: torch.Tensor,
+        center_samples: torch.Tensor | None,
+        chains: torch.Tensor,
+    ) -> list[NonFiniteEvent]:
+        """What was non-finite for each of the flagged ``chains`` (see ``non_finite_events``)."""
+        indices = self._batches.last_indices
+        assert indices is not None
+        rows = indices.expand(self.num_chains, -1) if self.config.shared_batches else indices
+        return non_finite_events(
+            self.chain_ids,
+            rows,
+            step,
+            draw,
+            loss,
+            per_sample,
+            self._finite_gradients(),
+            center_samples,
+            chains,
+        )
+
+    def _progress(self, steps: range) -> Iterable[int]:
+        details = f"({self.num_chains} chains, {self.mode})"
+        if callable(self.progress):
+            return self.progress(steps, details)
+        if not self.progress:
+            return steps
+        label = self.progress if isinstance(self.progress, str) else "SGLD"
+        return tqdm(steps, desc=f"{label} {details}", leave=False)
+
+    def _optimizer_step(
+        self, sample_metrics: bool, active: torch.Tensor | None = None
+    ) -> dict[str, float] | None:
+        """One SGMCMC step of every ``active`` chain (default all), then clear every chain's gradient;
+        with ``sample_metrics``, also return the RMS over the stepped chains of devinterp's update norms."""
+        self._collect_gradients()
+        squares = dict.fromkeys(_METRIC_FIELDS, 0.0)
+        stepped = 0
+        steps = [True] * self.num_chains if active is None else active.tolist()
+        for step, optimizer, generator in zip(steps, self._optimizers, self._generators, strict=True):
+            if step:
+                optimizer.save_metrics = sample_metrics
+                optimizer.step(noise_generator=generator)
+                if sample_metrics:
+                    metrics = optimizer.get_metrics()
+                    for name in _METRIC_FIELDS:
+                        squares[name] += float(getattr(metrics, name).sum()) ** 2
+                    stepped += 1
+                optimizer.save_metrics = False
+        for vectors in self._vectors:  # what optimizer.zero_grad(set_to_none=True) does, without its overhead
+            for v in vectors:
+                v.grad = None
+        for s in self._stack:
+            s.grad = None
+        if not sample_metrics or stepped == 0:
+            return None
+        return {name: math.sqrt(total / stepped) for name, total in squares.items()}
+
+    @torch.no_grad()
+    def _reset_to_center(self, chains: torch.Tensor) -> None:
+        """Park the given chains at ``w*`` so they cannot overflow; their records are ignored."""
+        for c in torch.nonzero(chains).flatten().tolist():
+            for v, center in zip(self._vectors[c], self._center_vectors, strict=True):
+                v.copy_(center)
 
 
 def _stack_outputs(outputs: list[Any]) -> Any:
@@ -488,11 +591,25 @@ def _stack_outputs(outputs: list[Any]) -> Any:
     return losses, torch.stack([p[1] for p in pairs])
 
 
+def _expand_output(output: Any, chains: int) -> Any:
+    """One loss output broadcast (without a copy) to ``chains`` identical chains."""
+    losses, mask = split_loss_output(output)
+    losses = losses.unsqueeze(0).expand(chains, *losses.shape)
+    return losses if mask is None else (losses, mask.unsqueeze(0).expand(chains, *mask.shape))
+
+
+def _valid_values(output: Any) -> torch.Tensor:
+    """The losses of a stacked loss output with masked-out positions set to 0 (so that only samples can
+    make a chain's values non-finite)."""
+    losses, mask = split_loss_output(output)
+    return losses if mask is None else torch.where(mask, losses, losses.new_zeros(()))
+
+
 def _chain_means(output: Any) -> torch.Tensor:
     """``[chains]`` mean loss over each chain's valid samples of a stacked loss output.
 
     Raises:
-        ValueError: a chain's minibatch has no valid position (its mean would be 0/0).
+        EmptyMinibatchError: a chain's minibatch has no valid position (its mean would be 0/0).
     """
     losses, mask = split_loss_output(output)
     if mask is not None and bool((mask.flatten(1).sum(dim=1) == 0).any()):

@@ -29,13 +29,21 @@ def resolve_param_masks(model: nn.Module, restrict: RestrictSpec, argument: str 
     stay at ``w*``.
 
     Raises:
-        ValueError: a pattern or name matches no trainable parameter, a mask has the wrong shape or is
-            all zero, or nothing at all would be sampled.
+        ValueError: the model has no trainable parameter, a pattern or name matches no trainable
+            parameter, a mask has the wrong shape or is all zero, or nothing at all would be sampled.
         TypeError: ``restrict`` is of an unsupported type.
     """
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params and restrict is None:
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (every parameter has requires_grad=False), "
+            "so SGLD has nothing to sample; estimate at a model whose parameters require gradients"
+        )
     if not params:
-        raise ValueError(f"{argument}: {type(model).__name__} has no parameter with requires_grad=True")
+        raise ValueError(
+            f"{argument}: {type(model).__name__} has no trainable parameters to restrict to (every "
+            "parameter has requires_grad=False)"
+        )
     if restrict is None:
         return {name: None for name in params}
     if isinstance(restrict, str):

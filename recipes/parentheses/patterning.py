@@ -189,6 +189,8 @@ class ProbePatterning(lp.PatterningCallback):
             ``dh = χ†·(shift, 0, …)`` then drops the part of the response that moves them too — for
             ``dyck``, the class-prior direction (answer FALSE more often everywhere).
         probe_max_samples: evaluate the probe loss on its first this many strings (``None``: all).
+        noise_gate: as in ``lp.PatterningCallback``, but off by default here: the recorded online arms
+            ran without it (and without a ``max_change`` bound).
         config: SGLD settings. The other arguments are ``lp.PatterningCallback``'s.
     """
 
@@ -202,6 +204,7 @@ class ProbePatterning(lp.PatterningCallback):
         rule: str = "multiplicative",
         floor: float = 0.05,
         max_change: float | None = None,
+        noise_gate: float | None = None,
         rtol: float = 1e-3,
         ridge: float = 0.0,
         coordinates: SolveCoordinates = "auto",
@@ -231,6 +234,7 @@ class ProbePatterning(lp.PatterningCallback):
             rule=rule,
             floor=floor,
             max_change=max_change,
+            noise_gate=noise_gate,
             rtol=rtol,
             ridge=ridge,
             coordinates=coordinates,
