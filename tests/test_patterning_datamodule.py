@@ -230,10 +230,11 @@ def test_restored_pending_weights_are_validated_into_a_float64_cpu_copy():
     dm = PatterningDataModule(IndexData(n=3))
     dm.load_state_dict({"datamodule": {}, "weights": saved})
     saved[0] = 100.0  # the module holds a copy
-    assert dm.weights.dtype == torch.float64 and dm.weights.tolist() == [1.0, 2.0, 3.0]
+    assert dm.weights.dtype == torch.float64 and dm.weights.tolist() == [0.5, 1.0, 1.5]  # mean-1 units
     assert dm.state_dict()["weights"].device.type == "cpu"
     with pytest.raises(ValueError, match="weights"):
         dm.load_state_dict({"datamodule": {}, "weights": torch.tensor([1.0, -1.0, 1.0])})
+
 
 def test_clear_errors_for_unsupported_training_loaders():
     class Returns(L.LightningDataModule):
