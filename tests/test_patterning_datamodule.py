@@ -222,7 +222,6 @@ def test_state_is_stashed_until_the_sampler_exists():
     assert torch.equal(target.weights, mean_one(torch.arange(12.0) + 1))
 
 
-
 def test_restored_pending_weights_are_validated_into_a_float64_cpu_copy():
     """Pending weights from a checkpoint (e.g. loaded with ``map_location="cuda"``, or as float32) are held
     like ``set_weights`` holds them; invalid ones are refused by name."""
