@@ -163,8 +163,8 @@ def curves(reports: Sequence[dict[str, Any]], key: str) -> tuple[list[int], torc
 def plot_in_context(
     runs: dict[str, list[dict[str, Any]]], path: Path, thresholds: dict[str, float] | None = None
 ) -> Figure:
-    """The in-context score against step, one panel per probe: per arm the mean over seeds with a band
-    of ± one standard deviation, each seed as a faint line, and the onset threshold dashed.
+    """The in-context score against step, one panel per probe: per arm the mean over seeds with a band of
+    ± one standard error of that mean, each seed as a faint line, and the onset threshold dashed.
 
     Args:
         runs: reports by arm (``load_runs``).
@@ -185,9 +185,12 @@ def plot_in_context(
             for row in values:
                 axis.plot(steps, row.tolist(), color=color, alpha=0.18, linewidth=0.7)
             mean = values.mean(0)
-            sd = values.std(0) if len(reports) > 1 else torch.zeros_like(mean)
-            axis.plot(steps, mean.tolist(), color=color, linewidth=2, label=f"{arm} (n={len(reports)})")
-            axis.fill_between(steps, (mean - sd).tolist(), (mean + sd).tolist(), color=color, alpha=0.2)
+            n = len(reports)
+            sem = values.std(0) / math.sqrt(n) if n > 1 else torch.zeros_like(mean)
+            axis.plot(
+                steps, mean.tolist(), color=color, linewidth=2, label=f"{arm}: mean ± s.e.m. of {n} seeds"
+            )
+            axis.fill_between(steps, (mean - sem).tolist(), (mean + sem).tolist(), color=color, alpha=0.25)
         if probe in thresholds and math.isfinite(thresholds[probe]):
             axis.axhline(
                 thresholds[probe], color="black", linestyle="--", linewidth=1, label="onset threshold"
