@@ -188,7 +188,7 @@ class InductionLM(L.LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int = 0,
-        onset_threshold: float = -1.0,
+        onset_threshold: float = -2.0,
         natural_onset_threshold: float = -0.3,
     ) -> None:
         super().__init__()

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from recipes.induction.metrics import Onset, find_onset
+
 HERE = Path(__file__).parent
 CONFIGS = HERE / "configs"
 PROBES = ("random", "natural")
@@ -119,20 +121,29 @@ def load_runs(out: Path) -> dict[str, list[dict[str, Any]]]:
     return {arm: sorted(reports, key=lambda r: r["seed"]) for arm, reports in runs.items()}
 
 
-def table_rows(runs: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per run (``COLUMNS``)."""
+def onsets(report: dict[str, Any], thresholds: dict[str, float] | None = None) -> dict[str, Onset]:
+    """A run's onset per probe at ``thresholds`` (default: the run's own), from its history."""
+    thresholds = thresholds or report["thresholds"]
+    steps = [h["step"] for h in report["history"]]
+    return {p: find_onset(steps, [h[f"icl/{p}"] for h in report["history"]], thresholds[p]) for p in PROBES}
+
+
+def table_rows(
+    runs: dict[str, list[dict[str, Any]]], thresholds: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """One row per run (``COLUMNS``), onsets at ``thresholds`` (default: each run's own)."""
     rows = []
     for arm, reports in runs.items():
         for r in reports:
-            final = r["final"]
+            final, onset = r["final"], onsets(r, thresholds)
             rows.append(
                 {
                     "arm": arm,
                     "seed": r["seed"],
-                    "onset_random": r["onset"]["random"]["step"],
-                    "censored_random": int(r["onset"]["random"]["censored"]),
-                    "onset_natural": r["onset"]["natural"]["step"],
-                    "censored_natural": int(r["onset"]["natural"]["censored"]),
+                    "onset_random": onset["random"].step,
+                    "censored_random": int(onset["random"].censored),
+                    "onset_natural": onset["natural"].step,
+                    "censored_natural": int(onset["natural"].censored),
                     "final_step": final["step"],
                     "final_val_loss": round(final["val/loss"], 5),
                     "final_icl_random": round(final["icl/random"], 4),
@@ -202,19 +213,20 @@ def plot_in_context(
         axis.set_xlabel("training step")
         axis.set_ylabel("loss 2nd copy − loss 1st copy (nats)")
         axis.grid(alpha=0.3)
-        axis.legend(loc="lower left", fontsize=8)
+        axis.legend(loc="upper right", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return figure
 
 
-def report(out: Path) -> list[dict[str, Any]]:
-    """Write ``onsets.csv`` and ``in_context.png`` from the runs under ``out``; return the rows."""
+def report(out: Path, thresholds: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Write ``onsets.csv`` and ``in_context.png`` from the runs under ``out`` (onsets at ``thresholds``,
+    default each run's own); return the rows."""
     runs = load_runs(out)
-    rows = table_rows(runs)
+    rows = table_rows(runs, thresholds)
     write_table(rows, out / "onsets.csv")
     if runs:
-        plot_in_context(runs, out / "in_context.png")
+        plot_in_context(runs, out / "in_context.png", thresholds)
     return rows
 
 
@@ -231,6 +243,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--config", type=Path, nargs="+", default=[CONFIGS / "base.yaml"])
     parser.add_argument("--quick", action="store_true", help="2 seeds (the first two of --seeds), quick.yaml")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the table and the figure")
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs=2,
+        metavar=("RANDOM", "NATURAL"),
+        help="onset thresholds of the table",
+    )
     parser.add_argument("--threads", type=int, default=int(os.environ.get("INDUCTION_THREADS", "1")))
     args, overrides = parser.parse_known_args(argv)  # the rest go to the CLI, e.g. --trainer.max_steps=3000
     torch.set_num_threads(args.threads)
@@ -240,7 +259,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         seeds, configs = seeds[:2], [*configs, CONFIGS / "quick.yaml"]
     if not args.report_only:
         run_study(args.arms, seeds, args.out, args.logs, configs, overrides)
-    for row in report(args.out):
+    thresholds = dict(zip(PROBES, args.thresholds, strict=True)) if args.thresholds else None
+    for row in report(args.out, thresholds):
         print(", ".join(f"{k} {row[k]}" for k in COLUMNS))
 
 
