@@ -317,6 +317,20 @@ def test_figure_of_in_context_score_per_arm(tmp_path: Path) -> None:
     assert len(figure.axes[0].get_legend().get_texts()) == 3  # two arms and the threshold
 
 
+def test_study_table_recomputes_onsets_at_given_thresholds() -> None:
+    from recipes.induction.study import table_rows
+
+    report = _fake_report(1000, 400)
+    last = report["history"][-1]
+    report.update(
+        final={**last, "val/loss": 2.0, "heads/prefix_max": 0.9, "heads/prev_max": 0.9}, wall_seconds=1.0
+    )
+    (own,) = table_rows({"baseline": [report]})
+    assert (own["onset_random"], own["censored_random"], own["onset_natural"]) == (400, 0, 400)
+    (strict,) = table_rows({"baseline": [report]}, {"random": -3.0, "natural": -0.3})
+    assert (strict["onset_random"], strict["censored_random"]) == (1000, 1)  # never below −3: censored
+
+
 def test_study_resumes_and_pairs_seeds(tmp_path: Path) -> None:
     from recipes.induction.study import cli_args, parse_seeds, run_path, run_study
 

@@ -10,7 +10,8 @@ the heads (``l0h0 … l1h7``), and plain matmuls with a causal mask, so the forw
 
 Defaults (bytes, ``d_model`` 64, 2 layers of 8 heads, context 32) give 68,736 parameters:
 embeddings 16,384 + 2,048, per layer 4·(64·64 + 64) + 128 (LayerNorm) = 16,768, final LayerNorm 128,
-unembedding 64·256 + 256 = 16,640.
+unembedding 64·256 + 256 = 16,640. The recipe's configuration (``configs/base.yaml``: ``d_model`` 128,
+context 128) has 215,040.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ wall seconds) and ``OUT/in_context.png`` (``plot_in_context``).
 
 Usage:
 
-    python -m recipes.induction.study --quick                          # 2 seeds, quick.yaml
+    python -m recipes.induction.study --quick                    # seeds 1000-1001, quick.yaml
     python -m recipes.induction.study --arms baseline --seeds 0-15 --out runs/induction
 """
 
@@ -237,11 +237,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--arms", nargs="+", default=["baseline"], help="baseline, or overlays in configs/arms/"
     )
-    parser.add_argument("--seeds", nargs="+", default=["0-15"], help="e.g. 0-15, or 3 5 7")
+    parser.add_argument("--seeds", nargs="+", help="e.g. 0-15, or 3 5 7 (default 0-15; --quick: 1000 1001)")
     parser.add_argument("--out", type=Path, default=Path("runs/induction"), help="results directory")
     parser.add_argument("--logs", type=Path, default=Path("lightning_logs/induction_study"))
     parser.add_argument("--config", type=Path, nargs="+", default=[CONFIGS / "base.yaml"])
-    parser.add_argument("--quick", action="store_true", help="2 seeds (the first two of --seeds), quick.yaml")
+    parser.add_argument("--quick", action="store_true", help="2 seeds (exploratory 1000-1001), quick.yaml")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the table and the figure")
     parser.add_argument(
         "--thresholds",
@@ -253,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("INDUCTION_THREADS", "1")))
     args, overrides = parser.parse_known_args(argv)  # the rest go to the CLI, e.g. --trainer.max_steps=3000
     torch.set_num_threads(args.threads)
-    seeds = parse_seeds(args.seeds)
+    seeds = parse_seeds(args.seeds or (["1000-1001"] if args.quick else ["0-15"]))
     configs = list(args.config)
     if args.quick:
         seeds, configs = seeds[:2], [*configs, CONFIGS / "quick.yaml"]
