@@ -1,0 +1,1 @@
+"""The induction-circuit study: exploratory baselines, the onset rule, and (later) the patterning arms."""
