@@ -32,7 +32,7 @@ from recipes.induction.metrics import (
 )
 from recipes.induction.model import InductionLM
 
-CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "induction" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "recipes" / "induction" / "configs"
 BASE = CONFIGS / "base.yaml"
 OVERLAYS = sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name != "base.yaml")
 TINY = [
