@@ -152,7 +152,7 @@ def _html(blocks: list[tuple[str, str | Path]], title: str) -> str:
                 + "</tr>"
                 for i, row in enumerate(rows)
             )
-            parts.append(f"<table>{cells}</table>")
+            parts.append(f"<div style='overflow-x:auto'><table>{cells}</table></div>")
         else:
             parts.append(f"<p>{html.escape(str(value))}</p>")
     return "\n".join(parts) + "\n"
