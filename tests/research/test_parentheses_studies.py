@@ -287,6 +287,7 @@ def test_branch_runs_are_the_baseline_run_until_the_branch_step(tmp_path: Path) 
     assert not torch.equal(params, baseline_params)
 
 
+@pytest.mark.slow  # generates 4,000-string data sets three times (~20 s on an idle core)
 def test_near_balanced_false_probe_is_held_out_in_distribution_false_strings() -> None:
     data = small_data()
     probe = data.near_balanced_false_probe
